@@ -1,0 +1,1 @@
+"""Statistics backends: our hooks (default), curvlinops and BackPACK adapters."""

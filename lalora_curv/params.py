@@ -1,0 +1,281 @@
+"""LoRA parameter registry: discovery, canonical order, flatten/unflatten.
+
+Conventions (fixed by the public API, see docs/concepts.md):
+
+* **Layer order** is module order (``model.named_modules()``), the *canonical order*.
+* Within a layer the ``A`` matrix (shape ``(r, d_in)``) comes before ``B`` (shape ``(d_out, r)``).
+* Each matrix is flattened row-major (``tensor.flatten()``), so the flat vector of one layer is
+  ``[vec_r(A), vec_r(B)]`` and a Kronecker block of a weight ``W`` of shape ``(d_out, d_in)`` is
+  ``G (x) A_in`` (output-gradient factor first).
+* ``Delta W = scaling * B @ A`` has shape ``(d_out, d_in)`` for every supported layer, also for
+  GPT-2 ``Conv1D`` bases (``fan_in_fan_out=True``), whose *stored* base weight is transposed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["LoRALayer", "LoRAParams", "LoRADiscoveryError"]
+
+
+class LoRADiscoveryError(ValueError):
+    """The model has no usable LoRA layers for the requested adapter, or unsupported ones."""
+
+
+@dataclass
+class LoRALayer:
+    """One adapted linear layer.
+
+    Attributes:
+        name: module path of the peft LoRA layer (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``).
+        module: the peft LoRA layer itself (``peft.tuners.lora.Linear``).
+        adapter_name: which adapter of ``module`` this entry describes.
+        A: ``lora_A`` weight, shape ``(r, d_in)``.
+        B: ``lora_B`` weight, shape ``(d_out, r)``.
+        lora_A, lora_B: the ``nn.Linear`` modules holding ``A`` and ``B`` (hook points).
+        base: the frozen base layer (``nn.Linear`` or transformers ``Conv1D``).
+        fan_in_fan_out: True when the base weight is stored as ``(d_in, d_out)`` (GPT-2 Conv1D).
+    """
+
+    name: str
+    module: nn.Module
+    adapter_name: str
+    A: nn.Parameter
+    B: nn.Parameter
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    base: nn.Module
+    fan_in_fan_out: bool
+    A_name: str
+    B_name: str
+
+    @property
+    def scaling(self) -> float:
+        """The live LoRA scaling ``alpha / r`` (read from peft each time: ``set_scale`` may change it)."""
+        return float(self.module.scaling[self.adapter_name])
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.A.shape[1]
+
+    @property
+    def d_out(self) -> int:
+        return self.B.shape[0]
+
+    @property
+    def numel(self) -> int:
+        return self.A.numel() + self.B.numel()
+
+    def base_weight(self) -> Tensor:
+        """The frozen base weight in the ``(d_out, d_in)`` convention (Conv1D transposed)."""
+        weight = self.base.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def delta_w(self, A: Tensor | None = None, B: Tensor | None = None) -> Tensor:
+        """``scaling * B @ A``, shape ``(d_out, d_in)``; current values unless ``A``/``B`` given."""
+        A = self.A if A is None else A
+        B = self.B if B is None else B
+        return self.scaling * (B @ A)
+
+
+def _lora_layer_types():
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import Linear as LoraLinear
+
+    return LoraLayer, LoraLinear
+
+
+class LoRAParams:
+    """Registry of the LoRA parameters of one adapter in canonical order.
+
+    Build it with :meth:`from_model`. ``names`` are exactly the names from
+    ``model.named_parameters()``; the flat vector concatenates, per layer, ``A.flatten()`` then
+    ``B.flatten()``.
+    """
+
+    def __init__(self, layers: list[LoRALayer], adapter_name: str):
+        if not layers:
+            raise LoRADiscoveryError("LoRAParams needs at least one LoRA layer")
+        self.layers = layers
+        self.adapter_name = adapter_name
+        self.names: list[str] = [n for layer in layers for n in (layer.A_name, layer.B_name)]
+        self.params: list[nn.Parameter] = [p for layer in layers for p in (layer.A, layer.B)]
+        self.shapes: list[torch.Size] = [p.shape for p in self.params]
+        self.numels: list[int] = [p.numel() for p in self.params]
+        self.numel: int = sum(self.numels)
+        offsets = [0]
+        for n in self.numels:
+            offsets.append(offsets[-1] + n)
+        self.offsets = offsets
+
+    # ------------------------------------------------------------------ discovery
+    @classmethod
+    def from_model(cls, model: nn.Module, adapter_name: str = "default") -> "LoRAParams":
+        """Discover the peft LoRA layers of ``adapter_name`` in ``model``.
+
+        Works on a ``PeftModel`` and on any module containing peft LoRA layers. Raises
+        :class:`LoRADiscoveryError` naming the problem: no LoRA layers (with the adapters that do
+        exist), unknown adapter, unsupported layer types (embedding / convolution LoRA), DoRA or
+        other variants, ``lora_bias``, merged or disabled adapters, frozen LoRA matrices, tied
+        (shared) LoRA weights.
+        """
+        LoraLayer, LoraLinear = _lora_layer_types()
+        param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+        seen_params: dict[int, str] = {}
+        layers: list[LoRALayer] = []
+        adapters_found: set[str] = set()
+        unsupported: list[str] = []
+        problems: list[str] = []
+        for mod_name, module in model.named_modules():
+            if not isinstance(module, LoraLayer):
+                continue
+            adapters_here = set(module.lora_A.keys()) | set(module.lora_embedding_A.keys())
+            adapters_found |= adapters_here
+            if adapter_name not in adapters_here:
+                continue
+            if not isinstance(module, LoraLinear) or adapter_name not in module.lora_A:
+                unsupported.append(f"{mod_name} ({type(module).__name__})")
+                continue
+            if adapter_name in getattr(module, "lora_variant", {}) or module.use_dora.get(adapter_name, False):
+                problems.append(f"{mod_name}: LoRA variant (e.g. DoRA) is not supported")
+                continue
+            if module.lora_bias.get(adapter_name, False):
+                problems.append(f"{mod_name}: lora_bias=True is not supported (B has a bias)")
+                continue
+            if getattr(module, "merged", False):
+                problems.append(f"{mod_name}: adapter is merged into the base weight; unmerge first")
+                continue
+            if module.disable_adapters:
+                problems.append(f"{mod_name}: adapters are disabled on this layer")
+                continue
+            if adapter_name not in module.active_adapters:
+                problems.append(
+                    f"{mod_name}: adapter {adapter_name!r} is not active (active: {module.active_adapters})"
+                )
+                continue
+            lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
+            A, B = lora_A.weight, lora_B.weight
+            layer_problems = []
+            for p, which in ((A, "A"), (B, "B")):
+                if not p.requires_grad:
+                    layer_problems.append(
+                        f"{mod_name}: lora_{which} is frozen (requires_grad=False, e.g. MiCA); "
+                        "curvature is defined over trainable LoRA matrices only"
+                    )
+                if id(p) in seen_params:
+                    layer_problems.append(
+                        f"{mod_name}: lora_{which} is shared with {seen_params[id(p)]} (tied adapters)"
+                    )
+                seen_params[id(p)] = mod_name
+            if layer_problems:
+                problems.extend(layer_problems)
+                continue
+            if id(A) not in param_names or id(B) not in param_names:
+                problems.append(f"{mod_name}: LoRA weights are not registered parameters of the model")
+                continue
+            layers.append(
+                LoRALayer(
+                    name=mod_name,
+                    module=module,
+                    adapter_name=adapter_name,
+                    A=A,
+                    B=B,
+                    lora_A=lora_A,
+                    lora_B=lora_B,
+                    base=module.get_base_layer(),
+                    fan_in_fan_out=bool(getattr(module, "fan_in_fan_out", False)),
+                    A_name=param_names[id(A)],
+                    B_name=param_names[id(B)],
+                )
+            )
+        if unsupported:
+            raise LoRADiscoveryError(
+                "unsupported LoRA layer types for adapter "
+                f"{adapter_name!r} (only linear / Conv1D LoRA is supported): " + ", ".join(unsupported)
+            )
+        if problems:
+            raise LoRADiscoveryError("cannot use these LoRA layers: " + "; ".join(problems))
+        if not layers:
+            if adapters_found:
+                raise LoRADiscoveryError(
+                    f"adapter {adapter_name!r} not found; the model's LoRA adapters are: "
+                    + ", ".join(sorted(adapters_found))
+                )
+            raise LoRADiscoveryError(
+                f"no LoRA parameters found in {type(model).__name__}: attach peft LoRA layers first "
+                "(peft.get_peft_model(model, LoraConfig(...)))"
+            )
+        return cls(layers, adapter_name)
+
+    # ------------------------------------------------------------------ flat vectors
+    def flatten(self, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
+        """Concatenate in canonical order -> ``Tensor[numel]``.
+
+        ``tensors`` is a dict ``name -> tensor`` (all names needed); ``None`` takes the current
+        parameter values (differentiable w.r.t. them).
+        """
+        if tensors is None:
+            return torch.cat([p.reshape(-1) for p in self.params])
+        missing = [n for n in self.names if n not in tensors]
+        if missing:
+            raise KeyError(f"missing LoRA tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        parts = []
+        for name, shape in zip(self.names, self.shapes):
+            t = tensors[name]
+            if t.shape != shape:
+                raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
+            parts.append(t.reshape(-1))
+        return torch.cat(parts)
+
+    def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
+        """Inverse of :meth:`flatten`: ``Tensor[numel]`` -> dict ``name -> view`` of ``vec``."""
+        if vec.ndim != 1 or vec.numel() != self.numel:
+            raise ValueError(f"expected a flat vector of {self.numel} entries, got shape {tuple(vec.shape)}")
+        return {
+            name: vec[a:b].view(shape)
+            for name, shape, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
+        }
+
+    def split_layers(self, vec: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Split a flat vector into per-layer ``(A-part (r, d_in), B-part (d_out, r))`` views."""
+        parts = list(self.unflatten(vec).values())
+        return [(parts[2 * i], parts[2 * i + 1]) for i in range(len(self.layers))]
+
+    def snapshot(self) -> dict[str, Tensor]:
+        """Detached clones of the current LoRA weights (the anchor ``theta0``)."""
+        return {name: p.detach().clone() for name, p in zip(self.names, self.params)}
+
+    def as_flat(self, value: Tensor | Mapping[str, Tensor]) -> Tensor:
+        """Accept a flat vector or a dict ``name -> tensor`` and return the flat vector."""
+        if isinstance(value, Mapping):
+            return self.flatten(value)
+        if value.ndim != 1 or value.numel() != self.numel:
+            raise ValueError(f"expected Tensor[{self.numel}], got shape {tuple(value.shape)}")
+        return value
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+    def signature(self) -> dict:
+        """What a saved curvature is validated against: adapter, names, shapes (JSON-able)."""
+        return {
+            "adapter_name": self.adapter_name,
+            "names": list(self.names),
+            "shapes": [list(s) for s in self.shapes],
+            "layers": [layer.name for layer in self.layers],
+        }
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __repr__(self) -> str:
+        return f"LoRAParams(adapter={self.adapter_name!r}, layers={len(self.layers)}, numel={self.numel})"
