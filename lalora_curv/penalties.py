@@ -33,10 +33,12 @@ class _AnchoredPenalty(nn.Module):
     """Shared part: the LoRA registry and the anchor ``theta0`` (a flat fp32 buffer)."""
 
     def __init__(self, anchor: Mapping[str, Tensor] | Tensor, strength: float, lora: LoRAParams,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype | None = None):
         super().__init__()
         if not isinstance(lora, LoRAParams):
             raise TypeError(f"lora must be a LoRAParams, got {type(lora).__name__}")
+        if dtype is None:  # at least fp32 (bf16/fp16 models), float64 stays float64
+            dtype = torch.promote_types(lora.params[0].dtype, torch.float32)
         self.lora = lora
         if isinstance(anchor, Mapping):
             unknown = sorted(set(anchor) - set(lora.names))

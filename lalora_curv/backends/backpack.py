@@ -50,7 +50,7 @@ class BackpackPerSampleGradients:
         for k in range(K):
             for p in self.lora.params:
                 p.grad = None
-            with backpack(BatchGrad()):
+            with backpack(BatchGrad(), retain_graph=k < K - 1):
                 (terms.logits * R[k].to(terms.logits.dtype)).sum().backward(retain_graph=k < K - 1)
             out.append(torch.cat([p.grad_batch.reshape(p.grad_batch.shape[0], -1).to(dtype) for p in self.lora.params],
                                  1))

@@ -186,6 +186,8 @@ class CurvatureOperator:
     def _check_compatible(self, other: "CurvatureOperator") -> None:
         if not isinstance(other, CurvatureOperator):
             raise TypeError(f"cannot add a curvature and a {type(other).__name__}")
+        if (self.structure == "kfac_delta_w") != (other.structure == "kfac_delta_w"):
+            raise ValueError("cannot add a Delta-W space curvature (kfac_delta_w) to a theta-space curvature")
         if other.num_params != self.num_params:
             raise ValueError(
                 f"cannot add curvatures over different spaces: {self.num_params} vs {other.num_params} parameters"
@@ -193,8 +195,6 @@ class CurvatureOperator:
         a, b = self.signature.get("names"), other.signature.get("names")
         if a and b and a != b:
             raise ValueError("cannot add curvatures fitted on different LoRA registries (parameter names differ)")
-        if (self.structure == "kfac_delta_w") != (other.structure == "kfac_delta_w"):
-            raise ValueError("cannot add a Delta-W space curvature (kfac_delta_w) to a theta-space curvature")
         if other.device != self.device:
             raise ValueError(f"cannot add curvatures on different devices: {self.device} vs {other.device}")
 

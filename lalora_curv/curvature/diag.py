@@ -53,4 +53,13 @@ class DiagCurvature(CurvatureOperator):
     def _add_same(self, other):
         if isinstance(other, DiagCurvature):
             return DiagCurvature(self.diag + other.diag, **_merged_common(self, other))
+        from .lowrank import LowRankCurvature
+
+        if isinstance(other, LowRankCurvature):  # diag + U C U^T is diag_lowrank, exactly
+            from .diag_lowrank import DiagLowRankCurvature
+
+            return DiagLowRankCurvature(self.diag, other.U, other.C, **_merged_common(self, other))
         return None
+
+    def _add_same_reflected(self, other):
+        return self._add_same(other)

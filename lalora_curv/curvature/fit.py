@@ -168,7 +168,8 @@ def _fit_kronecker(model, lora, batches, structure, kind, mc_samples, generator,
             terms = forward_terms(model, batch)
             if terms.num_terms == 0:
                 continue
-            R = backward_vectors(terms.logits, terms.targets, kind, mc_samples=mc_samples, generator=generator)
+            R = backward_vectors(terms.logits, terms.targets, kind, mc_samples=mc_samples, generator=generator,
+                                 dtype=dtype)
             for k in range(R.shape[0]):
                 torch.autograd.grad((terms.logits * R[k].to(terms.logits.dtype)).sum(), lora.params,
                                     retain_graph=k < R.shape[0] - 1)
@@ -263,7 +264,8 @@ def _fit_gradient_structure(model, lora, batches, structure, kind, terms_mode, m
             terms = forward_terms(model, batch)
             if terms.num_terms == 0:
                 continue
-            R = backward_vectors(terms.logits, terms.targets, kind, mc_samples=mc_samples, generator=generator)
+            R = backward_vectors(terms.logits, terms.targets, kind, mc_samples=mc_samples, generator=generator,
+                                 dtype=dtype)
             is_lm = terms.position_mask is not None
             if is_lm and terms_mode == "token":
                 if per_sample is not None:

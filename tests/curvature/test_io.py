@@ -1,0 +1,142 @@
+"""Save -> load is bit-exact; mismatches and corrupt files fail with named errors; no pickle."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lalora_curv as lc
+from lalora_curv.curvature.io import CurvatureFileError, CurvatureMismatchError
+from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm
+
+ALL = ["dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac_delta_w"]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    batches = [make_lm_batch(seed=51)]
+    ops = {s: lc.fit_curvature(model, batches, structure=s, rank=3, progress=False) for s in ALL}
+    return model, lora, ops
+
+
+@pytest.mark.parametrize("structure", ALL + ["sum"])
+def test_round_trip_bit_exact(setup, tmp_path, structure):
+    _, lora, ops = setup
+    op = ops["kfac"] + 0.5 * ops["kfac_tridiag"] if structure == "sum" else ops[structure]
+    path = tmp_path / "curv.safetensors"
+    op.save(path)
+    loaded = lc.load_curvature(path, lora=lora)
+    assert type(loaded) is type(op)
+    assert loaded.structure == op.structure and loaded.kind == op.kind and loaded.info == op.info
+    a, b = op.state_tensors(), loaded.state_tensors()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    v = torch.randn(op.num_params)
+    # same state bits; BLAS may round differently on differently aligned buffers, hence allclose
+    a, b = op.matvec(v), loaded.matvec(v)
+    assert float((a - b).norm()) <= 1e-5 * float(a.norm())
+    assert not list(tmp_path.glob(".tmp-*")), "temporary file left behind"
+
+
+def test_file_is_safetensors_with_json_metadata(setup, tmp_path):
+    _, _, ops = setup
+    path = tmp_path / "c.safetensors"
+    ops["diag"].save(path)
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["lalora_curv"])
+    assert meta["structure"] == "diag" and meta["format"] == 1
+    assert meta["common"]["signature"]["names"][0].endswith("lora_A.default.weight")
+
+
+def test_load_into_other_rank_targets_or_adapter_fails(setup, tmp_path):
+    _, _, ops = setup
+    path = tmp_path / "c.safetensors"
+    ops["kfac"].save(path)
+    other_rank = lc.LoRAParams.from_model(make_tiny_lm(r=4))
+    with pytest.raises(CurvatureMismatchError, match="shapes.*rank"):
+        lc.load_curvature(path, lora=other_rank)
+    other_targets = lc.LoRAParams.from_model(make_tiny_lm(targets=("q_proj", "k_proj")))
+    with pytest.raises(CurvatureMismatchError, match="k_proj"):
+        lc.load_curvature(path, lora=other_targets)
+    model = make_tiny_lm()
+    from peft import LoraConfig
+
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("other")
+    with pytest.raises(CurvatureMismatchError, match="adapter 'default'"):
+        lc.load_curvature(path, lora=lc.LoRAParams.from_model(model, adapter_name="other"))
+    with pytest.raises(CurvatureMismatchError, match="expected 'diag'"):
+        lc.load_curvature(path, structure="diag")
+
+
+def test_penalty_refuses_curvature_of_other_registry(setup):
+    _, _, ops = setup
+    other = lc.LoRAParams.from_model(make_tiny_lm(r=4))
+    with pytest.raises(CurvatureMismatchError):
+        lc.LaplacePenalty(ops["diag"], anchor=other.snapshot(), strength=1.0, lora=other)
+
+
+def test_corrupted_truncated_and_foreign_files(setup, tmp_path):
+    _, lora, ops = setup
+    path = tmp_path / "c.safetensors"
+    ops["kfac"].save(path)
+    data = path.read_bytes()
+    truncated = tmp_path / "t.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CurvatureFileError, match="truncated or corrupted"):
+        lc.load_curvature(truncated, lora=lora)
+    garbage = tmp_path / "g.safetensors"
+    garbage.write_bytes(b"\x80\x04K\x01." + b"0" * 64)  # a pickle, never unpickled
+    with pytest.raises(CurvatureFileError):
+        lc.load_curvature(garbage)
+    from safetensors.torch import save_file
+
+    foreign = tmp_path / "f.safetensors"
+    save_file({"x": torch.ones(2)}, str(foreign))
+    with pytest.raises(CurvatureFileError, match="not a lalora_curv"):
+        lc.load_curvature(foreign)
+    with pytest.raises(CurvatureFileError, match="not found"):
+        lc.load_curvature(tmp_path / "missing.safetensors")
+
+
+def test_nan_in_saved_state_is_refused(setup, tmp_path):
+    _, lora, ops = setup
+    bad = 1.0 * ops["diag"]
+    bad.diag[0] = float("nan")
+    path = tmp_path / "nan.safetensors"
+    bad.save(path)
+    with pytest.raises(lc.NonFiniteCurvatureError, match="NaN"):
+        lc.load_curvature(path, lora=lora)
+
+
+def test_save_failure_keeps_previous_file(setup, tmp_path, monkeypatch):
+    _, lora, ops = setup
+    path = tmp_path / "c.safetensors"
+    ops["diag"].save(path)
+    before = path.read_bytes()
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    with pytest.raises(OSError, match="disk full"):
+        ops["kfac"].save(path)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob(".tmp-*"))
+
+
+def test_nan_curvature_raises_at_fit_time():
+    model = make_classifier()
+    X, y = make_classifier_batch()
+    X[0, 0] = float("nan")
+    with pytest.raises(lc.NonFiniteCurvatureError, match="NaN"):
+        lc.fit_curvature(model, [(X, y)], structure="kfac", progress=False)
+    with pytest.raises(lc.NonFiniteCurvatureError, match="NaN"):
+        lc.fit_curvature(model, [(X, y)], structure="diag", progress=False)

@@ -1,0 +1,120 @@
+"""LoRA registry: discovery, canonical order, flatten/unflatten, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import lalora_curv as lc
+from tests.conftest import make_tiny_lm
+
+
+def test_q_v_targets_order_and_names():
+    model = make_tiny_lm(targets=("q_proj", "v_proj"))
+    lora = lc.LoRAParams.from_model(model)
+    assert len(lora.layers) == 4
+    assert [l.name.split(".")[-1] for l in lora.layers] == ["q_proj", "v_proj"] * 2
+    named = dict(model.named_parameters())
+    assert all(n in named for n in lora.names)
+    assert lora.names[0].endswith("q_proj.lora_A.default.weight")
+    assert lora.names[1].endswith("q_proj.lora_B.default.weight")
+    assert lora.numel == sum(named[n].numel() for n in lora.names)
+    layer = lora.layers[0]
+    assert layer.A.shape == (2, 16) and layer.B.shape == (16, 2)
+    assert layer.scaling == 2.0  # alpha = 2r
+    assert isinstance(layer.base, nn.Linear)
+
+
+def test_all_linear_targets():
+    model = make_tiny_lm(targets=("all-linear",))
+    lora = lc.LoRAParams.from_model(model)
+    kinds = {l.name.split(".")[-1] for l in lora.layers}
+    assert kinds == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert "lm_head" not in " ".join(l.name for l in lora.layers)
+
+
+def test_flatten_unflatten_round_trip_and_row_major():
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    flat = lora.flatten()
+    assert flat.shape == (lora.numel,)
+    back = lora.unflatten(flat)
+    assert list(back) == lora.names
+    assert all(torch.equal(back[n], p) for n, p in zip(lora.names, lora.params))
+    A = lora.layers[0].A
+    assert torch.equal(flat[: A.numel()], A.detach().reshape(-1))  # row-major
+    assert torch.equal(flat[1], A[0, 1])
+    snap = lora.snapshot()
+    assert torch.equal(lora.flatten(snap), flat)
+    with torch.no_grad():
+        lora.params[0].add_(1.0)
+    assert not torch.equal(lora.flatten(snap), lora.flatten())  # snapshot is a detached clone
+
+
+def test_flatten_is_differentiable():
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    (lora.flatten() ** 2).sum().backward()
+    assert all(p.grad is not None for p in lora.params)
+
+
+def test_scaling_is_read_live():
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    lora.layers[0].module.set_scale("default", 0.5)
+    assert lora.layers[0].scaling == 1.0
+
+
+def test_errors():
+    with pytest.raises(lc.LoRADiscoveryError, match="no LoRA parameters found"):
+        lc.LoRAParams.from_model(nn.Sequential(nn.Linear(3, 3)))
+    model = make_tiny_lm()
+    with pytest.raises(lc.LoRADiscoveryError, match="adapter 'nope' not found.*default"):
+        lc.LoRAParams.from_model(model, adapter_name="nope")
+    lora = lc.LoRAParams.from_model(model)
+    with pytest.raises(ValueError, match="flat vector"):
+        lora.unflatten(torch.zeros(3))
+    with pytest.raises(KeyError, match="missing"):
+        lora.flatten({})
+
+
+def test_embedding_lora_is_listed_not_skipped():
+    model = make_tiny_lm(targets=("q_proj", "embed_tokens"))
+    with pytest.raises(lc.LoRADiscoveryError, match="embed_tokens.*Embedding"):
+        lc.LoRAParams.from_model(model)
+
+
+def test_dora_merged_frozen_rejected_by_name():
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    dora = get_peft_model(LlamaForCausalLM(cfg), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(lc.LoRADiscoveryError, match="q_proj.*DoRA"):
+        lc.LoRAParams.from_model(dora)
+    model = make_tiny_lm()
+    model.base_model.model.model.layers[0].self_attn.q_proj.merge()
+    with pytest.raises(lc.LoRADiscoveryError, match="layers.0.self_attn.q_proj.*merged"):
+        lc.LoRAParams.from_model(model)
+    model = make_tiny_lm()
+    model.base_model.model.model.layers[1].self_attn.v_proj.lora_B["default"].weight.requires_grad_(False)
+    with pytest.raises(lc.LoRADiscoveryError, match="layers.1.self_attn.v_proj: lora_B is frozen"):
+        lc.LoRAParams.from_model(model)
+
+
+def test_gpt2_conv1d_supported_with_transposed_base():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    cfg = GPT2Config(vocab_size=23, n_embd=16, n_layer=1, n_head=2, n_positions=16)
+    model = get_peft_model(GPT2LMHeadModel(cfg), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
+    lora = lc.LoRAParams.from_model(model)
+    layer = lora.layers[0]
+    assert layer.fan_in_fan_out
+    assert layer.base_weight().shape == (layer.d_out, layer.d_in) == (48, 16)
+    ids = torch.randint(0, 23, (2, 5))
+    curv = lc.fit_curvature(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
+                            structure="kfac_delta_w", progress=False)
+    assert curv.num_params == 48 * 16
