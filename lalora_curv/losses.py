@@ -58,6 +58,13 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _model_dtype(model: nn.Module) -> torch.dtype | None:
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
 def batch_to_device(batch: Any, device: torch.device):
     if isinstance(batch, Mapping):
         return {k: (v.to(device) if isinstance(v, Tensor) else v) for k, v in batch.items()}
@@ -107,6 +114,10 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
             position_mask=attention_mask != 0,
         )
     X, y = batch
+    model_dtype = _model_dtype(model)
+    if X.is_floating_point() and model_dtype is not None and X.dtype != model_dtype:
+        raise TypeError(f"batch inputs are {X.dtype} but the model's parameters are {model_dtype}: cast the "
+                        f"inputs (X.to({model_dtype})) or the model")
     logits = model(X)
     if logits.ndim != 2:
         raise ValueError(f"classifier batches need logits of shape (N, C), got {tuple(logits.shape)}")

@@ -128,6 +128,12 @@ class LoRAParams:
         (shared) LoRA weights.
         """
         LoraLayer, LoraLinear = _lora_layer_types()
+        # DDP / DataParallel wrappers prefix every name with "module.": register the inner model so
+        # a curvature fitted on the bare model fits the wrapped one too
+        from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+        while isinstance(model, (DistributedDataParallel, DataParallel)):
+            model = model.module
         param_names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
         seen_params: dict[int, str] = {}
         layers: list[LoRALayer] = []
@@ -243,6 +249,17 @@ class LoRAParams:
             name: vec[a:b].view(shape)
             for name, shape, a, b in zip(self.names, self.shapes, self.offsets[:-1], self.offsets[1:])
         }
+
+    def check_live(self) -> None:
+        """Raise if the model's LoRA layers were replaced since this registry was built."""
+        for layer in self.layers:
+            lora_A, lora_B = getattr(layer.module, "lora_A", {}), getattr(layer.module, "lora_B", {})
+            name = layer.adapter_name
+            if name not in lora_A or name not in lora_B or lora_A[name].weight is not layer.A \
+                    or lora_B[name].weight is not layer.B:
+                raise LoRADiscoveryError(
+                    f"LoRA layer {layer.name} changed since the registry was built (adapter deleted, re-created or "
+                    "replaced): rebuild LoRAParams.from_model(model) and refit or reload the curvature")
 
     def split_layers(self, vec: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Split a flat vector into per-layer ``(A-part (r, d_in), B-part (d_out, r))`` views."""

@@ -60,6 +60,7 @@ class _AnchoredPenalty(nn.Module):
 
     def displacement(self) -> Tensor:
         """``theta - theta0`` as ``Tensor[numel]`` (differentiable w.r.t. the LoRA parameters)."""
+        self.lora.check_live()
         return self.lora.flatten().to(self.anchor_flat.dtype) - self.anchor_flat
 
     def anchor(self) -> dict[str, Tensor]:
@@ -93,6 +94,7 @@ class LaplacePenalty(_AnchoredPenalty):
         self.prior_precision = _check_strength(prior_precision, "prior_precision")
 
     def _delta_w_flat(self) -> Tensor:
+        self.lora.check_live()
         anchor = self.lora.split_layers(self.anchor_flat)
         parts = []
         dtype = self.anchor_flat.dtype

@@ -30,7 +30,8 @@ GRADIENT_STRUCTURES = ("dense", "diag", "lowrank", "diag_lowrank")
 STRUCTURES = GRADIENT_STRUCTURES[:2] + ("kfac", "kfac_tridiag") + GRADIENT_STRUCTURES[2:] + ("kfac_delta_w",)
 BACKENDS = ("auto", "hooks", "curvlinops", "backpack")
 TERMS = ("token", "sequence")
-_OPTIONS = {"terms", "rank", "mc_samples", "seed", "factor_dtype", "damping", "max_dense", "share_inputs"}
+_OPTIONS = {"terms", "rank", "mc_samples", "seed", "factor_dtype", "damping", "max_dense", "share_inputs",
+            "distributed"}
 
 
 def _check_choice(name: str, value: str, choices) -> None:
@@ -89,6 +90,10 @@ def fit_curvature(model: nn.Module, batches: Iterable[Any], structure: str = "kf
             damping: stored on the operator, used by ``solve`` only (default 0).
             max_dense: size limit of structure="dense" (default 20000 parameters).
             share_inputs: store identical K-FAC input factors once (default True).
+            distributed: "auto" (default: on when ``torch.distributed`` is initialized with more
+                than one process), True or False. Each rank fits on its own batches; sums and term
+                counts are all-reduced so every rank ends with the same operator, equal to the
+                single-process curvature on the union of the data. MC labels use ``seed + rank``.
 
     Returns:
         a :class:`CurvatureOperator` whose scale is the mean over non-ignored terms.
@@ -130,8 +135,15 @@ def fit_curvature(model: nn.Module, batches: Iterable[Any], structure: str = "kf
     common = dict(kind=kind, signature=lora.signature(), info=info, damping=damping)
     desc = f"fit {structure}/{kind}"
     device = lora.device
-    generator = torch.Generator(device=device).manual_seed(seed)
+    _check_batches_fit_model(batches, lora)
+    sync = _resolve_distributed(options.get("distributed", "auto"))
+    info["distributed_world_size"] = _world_size() if sync else 1
+    # independent MC draws per rank (the same seed everywhere would duplicate samples)
+    generator = torch.Generator(device=device).manual_seed(seed + (_rank() if sync else 0))
 
+    if sync and backend == "curvlinops":
+        raise ValueError("backend='curvlinops' does not support distributed fitting; use backend='hooks'")
+    progress = progress and _rank() == 0
     with _eval_mode(model):
         if backend == "curvlinops":
             from ..backends import curvlinops as cl_backend
@@ -146,18 +158,75 @@ def fit_curvature(model: nn.Module, batches: Iterable[Any], structure: str = "kf
                     "extensions need a graph of supported modules and peft's LoRA forward is plain tensor ops "
                     "(SEMANTICS §7); use backend='hooks' or 'curvlinops'")
             curv = _fit_kronecker(model, lora, batches, structure, kind, mc_samples, generator, factor_dtype,
-                                  common, _progress(batches, progress, desc), options.get("share_inputs", True))
+                                  common, _progress(batches, progress, desc), options.get("share_inputs", True),
+                                  sync)
         else:
             curv = _fit_gradient_structure(model, lora, batches, structure, kind, terms_mode, mc_samples,
                                            generator, factor_dtype, rank, common,
-                                           _progress(batches, progress, desc), backend)
+                                           _progress(batches, progress, desc), backend, sync)
     curv.check_finite()
     return curv
 
 
+def _check_batches_fit_model(batches, lora) -> None:
+    """Fail early on an iterator that cannot be re-read (generators are fine, read once)."""
+    if isinstance(batches, (str, bytes)) or not hasattr(batches, "__iter__"):
+        raise TypeError(f"batches must be an iterable of batches, got {type(batches).__name__}")
+
+
+# ---------------------------------------------------------------------------------- distributed
+def _dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if _dist_ready() else 1
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if _dist_ready() else 0
+
+
+def _resolve_distributed(value) -> bool:
+    if value == "auto":
+        return _world_size() > 1
+    if value is True and not _dist_ready():
+        raise RuntimeError("distributed=True needs an initialized torch.distributed process group "
+                           "(torchrun / accelerate launch, then dist.init_process_group)")
+    if value not in (True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {value!r}")
+    return bool(value)
+
+
+def _all_reduce_sums(tensors: list[Tensor], num_terms: int) -> int:
+    """All-reduce (sum) statistics in place and return the summed term count."""
+    import torch.distributed as dist
+
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    device = tensors[0].device if tensors else "cpu"
+    count = torch.tensor([num_terms], dtype=torch.long, device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.SUM)
+    return int(count.item())
+
+
+def _all_reduce_counts(counts: list[int], device) -> list[int]:
+    import torch.distributed as dist
+
+    t = torch.tensor(counts, dtype=torch.long, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return [int(c) for c in t.tolist()]
+
+
 # ---------------------------------------------------------------------------------- K-FAC family
 def _fit_kronecker(model, lora, batches, structure, kind, mc_samples, generator, dtype, common, iterator,
-                   share_inputs):
+                   share_inputs, sync=False):
     from ..backends.hooks import KroneckerStats, LoRAHookRecorder
 
     stats = KroneckerStats(lora, dtype, lora.device)
@@ -176,6 +245,10 @@ def _fit_kronecker(model, lora, batches, structure, kind, mc_samples, generator,
             stats.add_batch(recorder, terms.position_mask)
             num_terms += terms.num_terms
             recorder.clear()
+    if sync:
+        num_terms = _all_reduce_sums(stats.U_sum + stats.V_sum, num_terms)
+        counts = _all_reduce_counts(stats.V_count, lora.device)
+        stats.V_count = counts
     if num_terms == 0:
         raise ValueError("no prediction terms in the batches: the iterator was empty or every label is -100")
     U, V = stats.factors(num_terms)
@@ -228,6 +301,24 @@ class _GradientReducer:
         if self.structure in ("lowrank", "diag_lowrank"):
             self.vectors.append(V)
 
+    def all_reduce(self, num_terms: int) -> int:
+        """Sum the state over ranks (vectors are all-gathered) and return the global term count."""
+        import torch.distributed as dist
+
+        tensors = [self.sq_sum] + ([self.outer] if self.outer is not None else [])
+        num_terms = _all_reduce_sums(tensors, num_terms)
+        if self.structure in ("lowrank", "diag_lowrank"):
+            local = torch.cat(self.vectors) if self.vectors else self.sq_sum.new_zeros(0, self.sq_sum.numel())
+            sizes = [torch.zeros(1, dtype=torch.long, device=local.device) for _ in range(dist.get_world_size())]
+            dist.all_gather(sizes, torch.tensor([local.shape[0]], device=local.device))
+            longest = int(max(s.item() for s in sizes))
+            padded = local.new_zeros(longest, local.shape[1])
+            padded[: local.shape[0]] = local
+            gathered = [torch.empty_like(padded) for _ in sizes]
+            dist.all_gather(gathered, padded)
+            self.vectors = [g[: int(n.item())] for g, n in zip(gathered, sizes)]
+        return num_terms
+
     def build(self, num_terms: int, rank: int, common: dict) -> CurvatureOperator:
         scale = 1.0 / num_terms
         if self.structure == "diag":
@@ -244,7 +335,7 @@ class _GradientReducer:
 
 
 def _fit_gradient_structure(model, lora, batches, structure, kind, terms_mode, mc_samples, generator, dtype, rank,
-                            common, iterator, backend):
+                            common, iterator, backend, sync=False):
     from ..backends.hooks import LoRAHookRecorder, per_sequence_gradients, per_term_gradients
 
     reducer = _GradientReducer(structure, lora.numel, dtype, lora.device)
@@ -286,6 +377,8 @@ def _fit_gradient_structure(model, lora, batches, structure, kind, terms_mode, m
                     V = V.reshape(-1, lora.numel)
             reducer.add(V)
             num_terms += terms.num_terms
+    if sync:
+        num_terms = reducer.all_reduce(num_terms)
     if num_terms == 0:
         raise ValueError("no prediction terms in the batches: the iterator was empty or every label is -100")
     common["info"]["num_terms"] = num_terms
