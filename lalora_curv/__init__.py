@@ -22,11 +22,24 @@ from .curvature import (
 from .losses import KINDS
 from .params import LoRADiscoveryError, LoRALayer, LoRAParams
 from .penalties import L2Penalty, LaplacePenalty
+from .continual import TaskSequence  # noqa: E402  (also registers the eigen_kfac structure for load_curvature)
 
 __version__ = "0.1.0"
+
+_LAZY = {"PenalizedTrainer": "training", "PenaltyLoop": "training", "finetune": "training"}
+
+
+def __getattr__(name):
+    # training.py subclasses transformers.Trainer: import it on first use, not at `import lalora_curv`
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module 'lalora_curv' has no attribute {name!r}")
 
 __all__ = [
     "LoRAParams", "LoRALayer", "LoRADiscoveryError", "fit_curvature", "load_curvature", "CurvatureOperator",
     "LaplacePenalty", "L2Penalty", "STRUCTURES", "KINDS", "BACKENDS", "CurvatureFileError",
-    "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "__version__",
+    "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "TaskSequence", "finetune",
+    "PenalizedTrainer", "PenaltyLoop", "__version__",
 ]

@@ -93,6 +93,14 @@ class LaplacePenalty(_AnchoredPenalty):
         self.curv = curv.to(lora.device) if curv.device != lora.device else curv
         self.prior_precision = _check_strength(prior_precision, "prior_precision")
 
+    def _apply(self, fn, *args, **kwargs):
+        # nn.Module.to()/cuda()/double() move buffers; the curvature is not a module: move it alike
+        result = super()._apply(fn, *args, **kwargs)
+        probe = fn(torch.zeros((), dtype=self.curv.dtype, device=self.curv.device))
+        if probe.device != self.curv.device or probe.dtype != self.curv.dtype:
+            self.curv = self.curv.to(probe.device, dtype=probe.dtype)
+        return result
+
     def _delta_w_flat(self) -> Tensor:
         self.lora.check_live()
         anchor = self.lora.split_layers(self.anchor_flat)

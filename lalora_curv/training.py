@@ -24,7 +24,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -306,7 +306,6 @@ class FinetuneResult:
     params: dict[str, Tensor]
     initial_eval: dict[str, float] | None = None
     seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def column(self, key: str) -> list[float]:
         """``[h[key] for h in history if key in h]``."""
@@ -344,7 +343,7 @@ def _run_eval(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, floa
 
 
 def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Module | None = None, steps: int,
-             lr: float, grad_accum: int = 1, seed: int = 0,
+             lr: float, grad_accum: int = 1, seed: int,
              eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None, eval_every: int | None = None,
              progress: bool = True, optimizer: str | Callable = "adamw", weight_decay: float = 0.0,
              max_grad_norm: float | None = None, lora: LoRAParams | None = None) -> FinetuneResult:

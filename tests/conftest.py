@@ -6,6 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models: intra-op threads only add overhead (and thrash on a loaded 2-core machine).
+torch.set_num_threads(1)
+
 
 def _randomize_lora_b(peft_model, seed):
     """peft's inits leave B = 0 (then A-blocks vanish, SEMANTICS §2): tests need non-zero B."""

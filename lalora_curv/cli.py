@@ -1,0 +1,375 @@
+"""``lalora-curv``: fit, finetune, eval, bench and demo from the command line.
+
+Errors are one line (``lalora-curv: error: ...``) with a non-zero exit code; ``--debug`` shows
+the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+STRUCTURE_CHOICES = ("dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac_delta_w")
+
+
+class CLIError(Exception):
+    """An error worth one line to the user."""
+
+
+# ----------------------------------------------------------------------------------------- parser
+def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    if model:
+        p.add_argument("--model", default=None, metavar="PATH_OR_DIR",
+                       help="local HF causal-LM directory or .gguf file (default: packaged SmolLM2-135M-Instruct, "
+                            "a dequantized Q4_1 GGUF)")
+        p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default: cpu)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output-dir", type=Path, default=Path("outputs"), help="where results go (default: outputs/)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _lora_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (default 16)")
+    p.add_argument("--targets", nargs="+", default=["q_proj", "v_proj"],
+                   help="LoRA target modules, or all-linear (default: q_proj v_proj)")
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--steps", type=int, default=24, help="optimizer steps (default 24)")
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--n-train", type=int, default=96, help="gsm_symbolic training items (default 96)")
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--n-mcq", type=int, default=48, help="WordNet MCQ eval items")
+    p.add_argument("--n-target-eval", type=int, default=24, help="held-out gsm_symbolic items")
+    p.add_argument("--n-source-eval", type=int, default=32, help="held-out source texts")
+    p.add_argument("--max-new-tokens", type=int, default=96, help="greedy generation budget for exact match")
+    p.add_argument("--no-exact-match", action="store_true", help="skip greedy generation (NLL metrics only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lalora-curv",
+        description="Curvature (GGN/Fisher) over LoRA parameters and Laplace penalties against forgetting (LaLoRA).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("fit", help="fit a curvature on proxy source data and save it (safetensors)",
+                       description="Fit the curvature of the source loss w.r.t. fresh LoRA parameters on proxy "
+                                   "source text and save it.")
+    _common(p)
+    _lora_args(p)
+    p.add_argument("--structure", default="kfac", choices=STRUCTURE_CHOICES)
+    p.add_argument("--kind", default="empirical", choices=("ggn", "mc", "empirical"))
+    p.add_argument("--terms", default="sequence", choices=("sequence", "token"))
+    p.add_argument("--rank", type=int, default=16, help="rank for lowrank / diag_lowrank")
+    p.add_argument("--mc-samples", type=int, default=1)
+    p.add_argument("--proxy-source", default="mix", choices=("wordnet", "pydoc", "mix"))
+    p.add_argument("--proxy-batches", type=int, default=2, help="number of proxy batches (the paper: 1-2 suffice)")
+    p.add_argument("--proxy-batch-size", type=int, default=8)
+    p.add_argument("--proxy-seq-len", type=int, default=128)
+    p.add_argument("--output", type=Path, default=None, help="curvature file (default: OUTPUT_DIR/curvature.safetensors)")
+
+    p = sub.add_parser("finetune", help="LoRA fine-tuning on gsm_symbolic with a penalty; saves the adapter",
+                       description="Fine-tune LoRA on gsm_symbolic with --penalty none|l2|lalora.")
+    _common(p)
+    _lora_args(p)
+    _train_args(p)
+    p.add_argument("--penalty", default="lalora", choices=("none", "l2", "lalora"))
+    p.add_argument("--curvature", type=Path, default=None, help="saved curvature (for --penalty lalora)")
+    p.add_argument("--structure", default=None, choices=STRUCTURE_CHOICES,
+                   help="expected structure of --curvature (checked)")
+    p.add_argument("--lam", type=float, default=1000.0, help="penalty strength lambda")
+    p.add_argument("--prior-precision", type=float, default=0.0,
+                   help="isotropic precision added to the curvature (anchors zero-curvature directions)")
+
+    p = sub.add_parser("eval", help="source and target scores of the base model or a saved adapter",
+                       description="Evaluate source (WordNet MCQ, held-out text NLL) and target (gsm_symbolic) scores.")
+    _common(p)
+    _eval_args(p)
+    p.add_argument("--adapter", type=Path, default=None, help="adapter directory saved by `finetune`")
+
+    p = sub.add_parser("bench", help="run a benchmark preset (from a repository checkout)",
+                       description="Run benchmarks/<name>.py with a preset; extra arguments are passed on.")
+    p.add_argument("name", choices=("approx_accuracy", "cost", "forgetting", "continual"))
+    p.add_argument("--preset", default="small")
+    p.add_argument("--debug", action="store_true")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+
+    p = sub.add_parser("demo", help="the embedded default job: base vs LoRA vs LaLoRA(K-FAC) on SmolLM2, table + plot",
+                       description="Offline on SmolLM2-135M: fit K-FAC curvature on proxy source text, fine-tune "
+                                   "plain LoRA and LaLoRA for the same short budget on gsm_symbolic, print a "
+                                   "before/after table and write a plot.")
+    _common(p)
+    _lora_args(p)
+    _train_args(p)
+    _eval_args(p)
+    p.add_argument("--structure", default="kfac", choices=STRUCTURE_CHOICES)
+    p.add_argument("--lam", type=float, default=None, help="LaLoRA strength (default: the demo's calibrated value)")
+    p.add_argument("--prior-precision", type=float, default=None)
+    p.add_argument("--proxy-batches", type=int, default=2)
+    return parser
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _config(args) -> "RunConfig":
+    from .pipeline import RunConfig
+
+    cfg = RunConfig(model=getattr(args, "model", None), device=args.device, dtype=getattr(args, "dtype", "float32"),
+                    seed=args.seed)
+    for name, attr in (("r", "lora_r"), ("alpha", "lora_alpha"), ("steps", "steps"), ("lr", "lr"),
+                       ("batch_size", "train_batch_size"), ("seq_len", "train_seq_len"), ("n_train", "n_train"),
+                       ("n_mcq", "n_mcq"), ("n_target_eval", "n_target_eval"), ("n_source_eval", "n_source_eval"),
+                       ("max_new_tokens", "max_new_tokens"), ("proxy_source", "proxy_source"),
+                       ("proxy_batches", "proxy_batches"), ("proxy_batch_size", "proxy_batch_size"),
+                       ("proxy_seq_len", "proxy_seq_len")):
+        if hasattr(args, name):
+            setattr(cfg, attr, getattr(args, name))
+    if hasattr(args, "targets"):
+        cfg.targets = tuple(args.targets)
+    if getattr(args, "no_exact_match", False):
+        cfg.exact_match = False
+    return cfg
+
+
+def _write_json(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, default=str))
+
+
+def _print_table(rows: dict[str, dict[str, float]]) -> str:
+    from .pipeline import METRICS
+
+    keys = [k for k in METRICS if any(k in r for r in rows.values())]
+    header = "| model | " + " | ".join(METRICS[k][0] + (" ↑" if METRICS[k][1] else " ↓") for k in keys) + " |"
+    lines = [header, "|" + "---|" * (len(keys) + 1)]
+    for name, r in rows.items():
+        cells = []
+        for k in keys:
+            v = r.get(k)
+            cells.append("" if v is None else (f"{100 * v:.1f} %" if METRICS[k][1] else f"{v:.4f}"))
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    table = "\n".join(lines)
+    print(table)
+    return table
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_fit(args) -> int:
+    import lalora_curv as lc
+
+    from .pipeline import Stopwatch, attach_lora, load_base_model, make_data
+
+    cfg = _config(args)
+    cfg.n_mcq = cfg.n_target_eval = cfg.n_train = 1  # fit needs the proxy batches only
+    model, tok = load_base_model(cfg)
+    model = attach_lora(model, cfg)
+    data = make_data(tok, cfg)
+    clock = Stopwatch()
+    curv = lc.fit_curvature(model, data.proxy_batches, structure=args.structure, kind=args.kind, terms=args.terms,
+                            rank=args.rank, mc_samples=args.mc_samples, seed=args.seed,
+                            progress=not args.no_progress)
+    seconds = clock()
+    out = args.output or args.output_dir / "curvature.safetensors"
+    curv.save(out)
+    lora_cfg = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.targets)}
+    _write_json(Path(str(out) + ".json"), {"structure": curv.structure, "kind": curv.kind, "num_params": curv.num_params,
+                                           "nbytes": curv.nbytes, "seconds": seconds, "lora": lora_cfg,
+                                           "config": cfg.to_json(), "info": curv.info})
+    print(f"saved {curv.structure}/{curv.kind} curvature over {curv.num_params} parameters "
+          f"({curv.nbytes / 1e6:.1f} MB, {seconds:.1f} s) to {out}")
+    return 0
+
+
+def cmd_finetune(args) -> int:
+    import lalora_curv as lc
+
+    from .pipeline import attach_lora, build_penalty, load_base_model, make_data, save_adapter
+    from .training import finetune
+
+    cfg = _config(args)
+    if args.penalty == "lalora" and args.curvature is None:
+        raise CLIError("--penalty lalora needs --curvature FILE (create one with `lalora-curv fit`)")
+    model, tok = load_base_model(cfg)
+    model = attach_lora(model, cfg)
+    curv = None
+    if args.curvature is not None:
+        if not args.curvature.is_file():
+            raise CLIError(f"curvature file not found: {args.curvature}")
+        curv = lc.load_curvature(args.curvature, lora=lc.LoRAParams.from_model(model), structure=args.structure,
+                                 device=args.device)
+    data = make_data(tok, cfg)
+    penalty = build_penalty(args.penalty, model, curvature=curv, strength=args.lam,
+                            prior_precision=args.prior_precision)
+    result = finetune(model, data.train_batches, penalty=penalty, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                      progress=not args.no_progress)
+    out = save_adapter(model, args.output_dir / "adapter", {"penalty": args.penalty, "lam": args.lam,
+                                                            "curvature": str(args.curvature), "config": cfg.to_json()})
+    _write_json(args.output_dir / "finetune_history.json", {"history": result.history, "seconds": result.seconds})
+    last = result.history[-1] if result.history else {}
+    print(f"trained {cfg.steps} steps in {result.seconds:.1f} s (final task loss {last.get('task_loss', float('nan')):.4f}, "
+          f"penalty {last.get('penalty', 0.0):.4f}); adapter saved to {out}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .pipeline import evaluate, load_adapter, load_base_model, make_data
+
+    cfg = _config(args)
+    model, tok = load_base_model(cfg)
+    if args.adapter is not None:
+        if not args.adapter.is_dir():
+            raise CLIError(f"adapter directory not found: {args.adapter}")
+        model = load_adapter(model, args.adapter)
+    data = make_data(tok, cfg)
+    scores = evaluate(model, tok, data, cfg, progress=not args.no_progress)
+    name = str(args.adapter) if args.adapter else "base model"
+    _print_table({name: scores})
+    _write_json(args.output_dir / "eval.json", {"model": name, "scores": scores, "config": cfg.to_json()})
+    return 0
+
+
+def cmd_bench(args) -> int:
+    import importlib
+
+    try:
+        module = importlib.import_module(f"benchmarks.{args.name}")
+    except ModuleNotFoundError as err:
+        raise CLIError(f"benchmarks.{args.name} not importable ({err}); run `lalora-curv bench` from the repository "
+                       "checkout, where benchmarks/ lives") from None
+    argv = ["--preset", args.preset] + [a for a in args.rest if a != "--"]
+    return int(module.main(argv) or 0)
+
+
+#: calibrated for the demo's budget (see docs/getting_started.md): strength of the K-FAC penalty and
+#: the isotropic prior that anchors the A-blocks, which K-FAC fitted at B = 0 leaves at zero curvature
+DEMO_LAM = 1000.0
+DEMO_PRIOR_PRECISION = 1e-3
+
+
+def cmd_demo(args) -> int:
+    import lalora_curv as lc
+
+    from .pipeline import Stopwatch, attach_lora, build_penalty, evaluate, load_base_model, make_data
+    from .training import finetune
+
+    clock = Stopwatch()
+    cfg = _config(args)
+    lam = DEMO_LAM if args.lam is None else args.lam
+    prior = DEMO_PRIOR_PRECISION if args.prior_precision is None else args.prior_precision
+    progress = not args.no_progress
+    print(f"[demo] loading {'SmolLM2-135M-Instruct (dequantized Q4_1 GGUF)' if cfg.model is None else cfg.model}")
+    model, tok = load_base_model(cfg)
+    model = attach_lora(model, cfg)
+    lora = lc.LoRAParams.from_model(model)
+    init = lora.snapshot()
+    data = make_data(tok, cfg)
+    print(f"[demo] {len(data.train_batches)} target batches, {len(data.proxy_batches)} proxy source batches, "
+          f"LoRA r={cfg.lora_r} on {', '.join(cfg.targets)} ({lora.numel} parameters)")
+    rows: dict[str, dict[str, float]] = {}
+    with model.disable_adapter():
+        rows["base model"] = evaluate(model, tok, data, cfg, progress=progress)
+    curv = lc.fit_curvature(model, data.proxy_batches, structure=args.structure, kind="empirical", progress=progress)
+    curv.save(args.output_dir / "curvature.safetensors")
+    histories = {}
+    for name, kind, strength in (("LoRA", "none", 0.0), (f"LaLoRA ({args.structure}, λ={lam:g})", "lalora", lam)):
+        with __import__("torch").no_grad():
+            for p, value in zip(lora.params, init.values()):
+                p.copy_(value)
+        penalty = build_penalty(kind, model, curvature=curv, strength=strength, prior_precision=prior, anchor=init)
+        print(f"[demo] fine-tuning {name}: {cfg.steps} steps, lr {cfg.lr:g}")
+        result = finetune(model, data.train_batches, penalty=penalty, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+                          progress=progress)
+        histories[name] = result.history
+        rows[name] = evaluate(model, tok, data, cfg, progress=progress)
+    print()
+    table = _print_table(rows)
+    out = args.output_dir
+    _write_json(out / "demo.json", {"rows": rows, "histories": histories, "config": cfg.to_json(), "lam": lam,
+                                    "prior_precision": prior, "structure": args.structure,
+                                    "curvature_nbytes": curv.nbytes, "seconds": clock(),
+                                    "model_note": "SmolLM2-135M-Instruct dequantized from Q4_1 GGUF"
+                                    if cfg.model is None else cfg.model})
+    (out / "demo.md").write_text(table + "\n")
+    png = _demo_plot(rows, out / "demo.png")
+    print(f"\n[demo] done in {clock():.0f} s; wrote {out / 'demo.json'}, {out / 'demo.md'}, {png}")
+    return 0
+
+
+def _demo_plot(rows: dict[str, dict[str, float]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    ax = axes[0]
+    for name, r in rows.items():
+        ax.scatter(r["target_nll"], r["source_nll"], s=70, label=name)
+        ax.annotate(name, (r["target_nll"], r["source_nll"]), textcoords="offset points", xytext=(5, 5), fontsize=8)
+    ax.set_xlabel("target NLL, held-out gsm_symbolic templates (lower = learned)")
+    ax.set_ylabel("source NLL, held-out text (lower = remembered)")
+    ax.set_title("learning vs forgetting")
+    ax.grid(alpha=0.3)
+    ax = axes[1]
+    keys = [k for k in ("mcq_accuracy", "target_exact_match") if all(k in r for r in rows.values())]
+    width = 0.8 / max(1, len(rows))
+    for i, (name, r) in enumerate(rows.items()):
+        ax.bar([j + i * width for j in range(len(keys))], [100 * r[k] for k in keys], width, label=name)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))])
+    names = {"mcq_accuracy": "WordNet MCQ accuracy\n(source)", "target_exact_match": "gsm_symbolic exact match\n(target)"}
+    ax.set_xticklabels([names[k] for k in keys])
+    ax.set_ylabel("%")
+    ax.legend(fontsize=8)
+    ax.set_title("accuracies")
+    fig.suptitle("SmolLM2-135M-Instruct (dequantized Q4_1): base vs LoRA vs LaLoRA", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+COMMANDS = {"fit": cmd_fit, "finetune": cmd_finetune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False)
+    logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(name)s: %(message)s")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+    try:
+        return COMMANDS[args.command](args)
+    except KeyboardInterrupt:
+        print("lalora-curv: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # one clear line unless --debug
+        if debug:
+            raise
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"lalora-curv: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
