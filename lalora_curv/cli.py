@@ -24,6 +24,8 @@ class CLIError(Exception):
 
 # ----------------------------------------------------------------------------------------- parser
 def _common(p: argparse.ArgumentParser, *, model: bool = True) -> None:
+    p.add_argument("--task", default="gsm_symbolic", help="reasoning-gym target task (default gsm_symbolic; "
+                                                          "basic_arithmetic is a simpler one)")
     if model:
         p.add_argument("--model", default=None, metavar="PATH_OR_DIR",
                        help="local HF causal-LM directory or .gguf file (default: packaged SmolLM2-135M-Instruct, "
@@ -48,7 +50,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (default 2e-3)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--n-train", type=int, default=96, help="gsm_symbolic training items (default 96)")
+    p.add_argument("--n-train", type=int, default=96, help="target training items (default 96)")
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
@@ -128,7 +130,7 @@ def _config(args) -> "RunConfig":
     from .pipeline import RunConfig
 
     cfg = RunConfig(model=getattr(args, "model", None), device=args.device, dtype=getattr(args, "dtype", "float32"),
-                    seed=args.seed)
+                    seed=args.seed, target_task=args.task)
     for name, attr in (("r", "lora_r"), ("alpha", "lora_alpha"), ("steps", "steps"), ("lr", "lr"),
                        ("batch_size", "train_batch_size"), ("seq_len", "train_seq_len"), ("n_train", "n_train"),
                        ("n_mcq", "n_mcq"), ("n_target_eval", "n_target_eval"), ("n_source_eval", "n_source_eval"),
@@ -170,15 +172,14 @@ def _print_table(rows: dict[str, dict[str, float]]) -> str:
 def cmd_fit(args) -> int:
     import lalora_curv as lc
 
-    from .pipeline import Stopwatch, attach_lora, load_base_model, make_data
+    from .pipeline import Stopwatch, attach_lora, load_base_model, proxy_batches
 
     cfg = _config(args)
-    cfg.n_mcq = cfg.n_target_eval = cfg.n_train = 1  # fit needs the proxy batches only
     model, tok = load_base_model(cfg)
     model = attach_lora(model, cfg)
-    data = make_data(tok, cfg)
+    batches = proxy_batches(tok, cfg)
     clock = Stopwatch()
-    curv = lc.fit_curvature(model, data.proxy_batches, structure=args.structure, kind=args.kind, terms=args.terms,
+    curv = lc.fit_curvature(model, batches, structure=args.structure, kind=args.kind, terms=args.terms,
                             rank=args.rank, mc_samples=args.mc_samples, seed=args.seed,
                             progress=not args.no_progress)
     seconds = clock()
@@ -196,24 +197,23 @@ def cmd_fit(args) -> int:
 def cmd_finetune(args) -> int:
     import lalora_curv as lc
 
-    from .pipeline import attach_lora, build_penalty, load_base_model, make_data, save_adapter
+    from .pipeline import attach_lora, build_penalty, load_base_model, save_adapter, train_batches
     from .training import finetune
 
     cfg = _config(args)
     if args.penalty == "lalora" and args.curvature is None:
         raise CLIError("--penalty lalora needs --curvature FILE (create one with `lalora-curv fit`)")
+    if args.curvature is not None and not args.curvature.is_file():
+        raise CLIError(f"curvature file not found: {args.curvature}")
     model, tok = load_base_model(cfg)
     model = attach_lora(model, cfg)
     curv = None
     if args.curvature is not None:
-        if not args.curvature.is_file():
-            raise CLIError(f"curvature file not found: {args.curvature}")
         curv = lc.load_curvature(args.curvature, lora=lc.LoRAParams.from_model(model), structure=args.structure,
                                  device=args.device)
-    data = make_data(tok, cfg)
     penalty = build_penalty(args.penalty, model, curvature=curv, strength=args.lam,
                             prior_precision=args.prior_precision)
-    result = finetune(model, data.train_batches, penalty=penalty, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
+    result = finetune(model, train_batches(tok, cfg), penalty=penalty, steps=cfg.steps, lr=cfg.lr, seed=cfg.seed,
                       progress=not args.no_progress)
     out = save_adapter(model, args.output_dir / "adapter", {"penalty": args.penalty, "lam": args.lam,
                                                             "curvature": str(args.curvature), "config": cfg.to_json()})
@@ -233,7 +233,7 @@ def cmd_eval(args) -> int:
         if not args.adapter.is_dir():
             raise CLIError(f"adapter directory not found: {args.adapter}")
         model = load_adapter(model, args.adapter)
-    data = make_data(tok, cfg)
+    data = make_data(tok, cfg, train=False)
     scores = evaluate(model, tok, data, cfg, progress=not args.no_progress)
     name = str(args.adapter) if args.adapter else "base model"
     _print_table({name: scores})
@@ -249,7 +249,9 @@ def cmd_bench(args) -> int:
     except ModuleNotFoundError as err:
         raise CLIError(f"benchmarks.{args.name} not importable ({err}); run `lalora-curv bench` from the repository "
                        "checkout, where benchmarks/ lives") from None
-    argv = ["--preset", args.preset] + [a for a in args.rest if a != "--"]
+    # argparse's REMAINDER also swallows options given after NAME (e.g. --preset): pass them on as given
+    rest = [a for a in args.rest if a != "--"]
+    argv = rest if "--preset" in rest else ["--preset", args.preset] + rest
     return int(module.main(argv) or 0)
 
 
@@ -358,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.set_verbosity_error()
+    if getattr(args, "no_progress", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     try:
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:

@@ -17,7 +17,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["RunConfig", "Data", "load_base_model", "attach_lora", "make_data", "evaluate", "build_penalty",
+__all__ = ["RunConfig", "Data", "load_base_model", "attach_lora", "make_data", "proxy_batches", "train_batches",
+           "evaluate", "build_penalty",
            "save_adapter", "load_adapter", "METRICS"]
 
 #: metric name -> (label, higher is better)
@@ -97,23 +98,39 @@ def attach_lora(model, cfg: RunConfig):
     return add_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha, target_modules=targets, seed=cfg.seed)
 
 
-def make_data(tokenizer, cfg: RunConfig) -> Data:
-    """All batches and items of a run, deterministic in ``cfg.seed``."""
+def proxy_batches(tokenizer, cfg: RunConfig) -> list:
+    """Proxy source batches for curvature fitting (``cfg.proxy_batches`` of the proxy split)."""
     from . import data as D
 
-    n_proxy_texts = cfg.proxy_batches * cfg.proxy_batch_size
-    proxy_texts = D.source_texts(cfg.proxy_source, split="proxy", n=n_proxy_texts + cfg.n_source_eval,
-                                 seed=cfg.seed)
-    fit_texts, in_proxy_texts = proxy_texts[:n_proxy_texts], proxy_texts[n_proxy_texts:]
-    proxy = D.lm_batches(fit_texts, tokenizer, batch_size=cfg.proxy_batch_size, seq_len=cfg.proxy_seq_len)
-    eval_texts = D.source_texts("mix", split="eval", n=cfg.n_source_eval, seed=cfg.seed + 1)
-    source_eval = D.lm_batches(eval_texts, tokenizer, batch_size=8, seq_len=cfg.proxy_seq_len)
-    in_proxy = D.lm_batches(in_proxy_texts, tokenizer, batch_size=8, seq_len=cfg.proxy_seq_len)
-    mcq = D.wordnet_mcq("eval", n=cfg.n_mcq, seed=cfg.seed)
-    train_items = D.reasoning_items(cfg.target_task, split="train", n=cfg.n_train, seed=cfg.seed)
-    train = D.reasoning_sft_batches(train_items, tokenizer, batch_size=cfg.train_batch_size, seq_len=cfg.train_seq_len)
-    target_eval = D.reasoning_items(cfg.target_task, split="eval", n=cfg.n_target_eval, seed=cfg.seed + 1)
-    return Data(proxy, train, source_eval, in_proxy, mcq, target_eval)
+    texts = D.source_texts(cfg.proxy_source, split="proxy", n=cfg.proxy_batches * cfg.proxy_batch_size, seed=cfg.seed)
+    return D.lm_batches(texts, tokenizer, batch_size=cfg.proxy_batch_size, seq_len=cfg.proxy_seq_len)
+
+
+def train_batches(tokenizer, cfg: RunConfig) -> list:
+    """Target SFT batches (training templates of ``cfg.target_task``)."""
+    from . import data as D
+
+    items = D.reasoning_items(cfg.target_task, split="train", n=cfg.n_train, seed=cfg.seed)
+    return D.reasoning_sft_batches(items, tokenizer, batch_size=cfg.train_batch_size, seq_len=cfg.train_seq_len)
+
+
+def make_data(tokenizer, cfg: RunConfig, *, train: bool = True, evaluation: bool = True) -> Data:
+    """All batches and items of a run, deterministic in ``cfg.seed`` (parts can be skipped)."""
+    from . import data as D
+
+    proxy = proxy_batches(tokenizer, cfg)
+    source_eval = in_proxy = mcq = target_eval = []
+    if evaluation:
+        # in-proxy: proxy-split texts after the ones used for fitting (same domain, never fitted on)
+        n_fit = cfg.proxy_batches * cfg.proxy_batch_size
+        proxy_texts = D.source_texts(cfg.proxy_source, split="proxy", n=n_fit + cfg.n_source_eval, seed=cfg.seed)
+        in_proxy = D.lm_batches(proxy_texts[n_fit:], tokenizer, batch_size=8, seq_len=cfg.proxy_seq_len)
+        eval_texts = D.source_texts("mix", split="eval", n=cfg.n_source_eval, seed=cfg.seed + 1)
+        source_eval = D.lm_batches(eval_texts, tokenizer, batch_size=8, seq_len=cfg.proxy_seq_len)
+        mcq = D.wordnet_mcq("eval", n=cfg.n_mcq, seed=cfg.seed)
+        target_eval = D.reasoning_items(cfg.target_task, split="eval", n=cfg.n_target_eval, seed=cfg.seed + 1)
+    train_b = train_batches(tokenizer, cfg) if train else []
+    return Data(proxy, train_b, source_eval, in_proxy, mcq, target_eval)
 
 
 def evaluate(model, tokenizer, data: Data, cfg: RunConfig, *, progress: bool = True) -> dict[str, float]:

@@ -27,11 +27,8 @@ float32/bf16 for the init, cast afterwards); ``preprocess_corda`` is exported fr
 ``peft.tuners.lora.corda`` only and ``CordaConfig`` from ``peft.tuners.lora.config`` only (not
 from ``peft``), as in peft's CorDA docs. **peft 0.21.2 bug**: ``peft/tuners/lora/corda.py`` does
 ``from attr import dataclass`` (the ``attrs`` package) but peft does not depend on ``attrs``, so
-the module fails to import where ``attrs`` is absent (as in this project's venv). The fix is to
-install ``attrs``; until then :func:`import_preprocess_corda` imports the module with a
-temporary stand-in ``attr`` module whose ``dataclass`` is ``dataclasses.dataclass`` (all peft uses
-it for: the 3-field ``CordaEigens`` record), removed from ``sys.modules`` right after the import
-so no other library sees it. peft itself is not modified.
+the module fails to import where ``attrs`` is absent; lalora-curv's ``bench`` extra installs
+``attrs`` (:func:`import_preprocess_corda` names the fix otherwise). peft itself is not modified.
 
 Hyperparameters: none besides the LoRA rank (peft fixes the damping): grid ``[{}]``; optional
 ``hp["max_sequences"]`` caps the number of calibration sequences.
@@ -58,26 +55,16 @@ PAPER = (
 
 
 def import_preprocess_corda():
-    """``peft.tuners.lora.corda.preprocess_corda``, working around peft's undeclared ``attrs`` import."""
+    """``peft.tuners.lora.corda.preprocess_corda`` (peft imports ``attrs`` there without declaring it:
+    lalora-curv's ``bench`` extra installs ``attrs``)."""
     try:
         from peft.tuners.lora.corda import preprocess_corda
-        return preprocess_corda
     except ModuleNotFoundError as err:
-        if err.name != "attr":
-            raise
-    import dataclasses
-    import sys
-    import types
-
-    shim = types.ModuleType("attr")
-    shim.dataclass = dataclasses.dataclass
-    sys.modules["attr"] = shim
-    try:
-        sys.modules.pop("peft.tuners.lora.corda", None)
-        from peft.tuners.lora.corda import preprocess_corda
-    finally:
-        if sys.modules.get("attr") is shim:
-            del sys.modules["attr"]
+        if err.name == "attr":
+            raise ModuleNotFoundError(
+                "peft's CorDA needs the 'attrs' package, which peft does not declare: pip install attrs "
+                "(or install lalora-curv[bench])") from None
+        raise
     return preprocess_corda
 
 
