@@ -39,11 +39,11 @@ _LLAMA_3_2_COMMON = dict(
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
 )
 
-# Printable ASCII (space .. tilde): the character vocabulary of tiny_tokenizer().
-_TINY_CHARS = [chr(c) for c in range(32, 127)]
+# Tab, newline and printable ASCII (space .. tilde): the character vocabulary of tiny_tokenizer().
+_TINY_CHARS = ["\t", "\n"] + [chr(c) for c in range(32, 127)]
 TINY_EOS = "<|endoftext|>"
 TINY_UNK = "<unk>"
-TINY_VOCAB_SIZE = 2 + len(_TINY_CHARS)  # 97: eos, unk, 95 printable characters
+TINY_VOCAB_SIZE = 2 + len(_TINY_CHARS)  # 99: eos, unk, tab, newline, 95 printable characters
 
 
 class ModelLoadError(RuntimeError):
@@ -167,13 +167,13 @@ def load_model(path_or_dir: str | os.PathLike | None = None, *, dtype: torch.dty
 # --------------------------------------------------------------------------------------------
 
 def tiny_tokenizer():
-    """A character-level fast tokenizer over printable ASCII, built offline in milliseconds.
+    """A character-level fast tokenizer over ASCII text, built offline in milliseconds.
 
-    Vocabulary (``TINY_VOCAB_SIZE == 97`` entries): id 0 = ``"<|endoftext|>"`` (eos, also used
-    as pad), id 1 = ``"<unk>"`` (any non-printable or non-ASCII character), ids 2..96 = the
-    characters ``" "`` .. ``"~"``. One character is one token, encoding adds no special tokens,
-    there is no chat template, and ``decode`` concatenates characters, so
-    ``decode(encode(s)) == s`` for printable ASCII ``s``. Matches :func:`tiny_llama`'s default
+    Vocabulary (``TINY_VOCAB_SIZE == 99`` entries): id 0 = ``"<|endoftext|>"`` (eos, also used
+    as pad), id 1 = ``"<unk>"`` (any other character, e.g. non-ASCII), ids 2, 3 = tab, newline,
+    ids 4..98 = the characters ``" "`` .. ``"~"``. One character is one token, encoding adds no
+    special tokens, there is no chat template, and ``decode`` concatenates characters, so
+    ``decode(encode(s)) == s`` for ASCII text ``s``. Matches :func:`tiny_llama`'s default
     vocabulary size.
     """
     from tokenizers import Tokenizer, decoders, models
