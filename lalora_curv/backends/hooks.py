@@ -96,6 +96,19 @@ def _rows(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
     return x.to(dtype)
 
 
+def _add_stacked(target: Tensor, top_left: Tensor, first: Tensor, second: Tensor, cross: bool) -> None:
+    """``target += [first, second]^T [first, second]`` given ``top_left = first^T first``.
+
+    Cross blocks are skipped when ``cross`` is False (plain K-FAC never reads them)."""
+    n = first.shape[1]
+    target[:n, :n] += top_left
+    target[n:, n:].addmm_(second.T, second)
+    if cross:
+        block = first.T @ second
+        target[:n, n:] += block
+        target[n:, :n] += block.T
+
+
 class KroneckerStats:
     """Running sums for the K-FAC family, per layer (stacked A/B statistics, SEMANTICS §3).
 
@@ -117,15 +130,21 @@ class KroneckerStats:
             self.V_count.append(0)
 
     def add_batch(self, recorder: LoRAHookRecorder, position_mask: Tensor | None):
+        # Modules that read the same activation (q_proj, k_proj, v_proj after one norm) get the same
+        # input tensor: its covariance x^T x, the largest product here, is computed once per batch.
+        shared_inputs: dict[tuple, Tensor] = {}
         for i in range(len(self.U_sum)):
             for ra, rb in recorder.layer_records(i):
-                v = torch.cat([_rows(ra.a, position_mask, self.dtype), _rows(rb.a, position_mask, self.dtype)], 1)
+                xa, xb = _rows(ra.a, position_mask, self.dtype), _rows(rb.a, position_mask, self.dtype)
+                key = (ra.a.data_ptr(), tuple(ra.a.shape), ra.a.dtype)
+                if key not in shared_inputs:
+                    shared_inputs[key] = xa.T @ xa
+                _add_stacked(self.V_sum[i], shared_inputs[key], xa, xb, self.need_cross)
                 # one record may be replayed by gradient checkpointing: count its positions once
-                self.V_sum[i].addmm_(v.T, v)
-                self.V_count[i] += v.shape[0]
+                self.V_count[i] += xa.shape[0]
                 for gA, gB in zip(ra.grads, rb.grads):
-                    u = torch.cat([_rows(gA, position_mask, self.dtype), _rows(gB, position_mask, self.dtype)], 1)
-                    self.U_sum[i].addmm_(u.T, u)
+                    ga, gb = _rows(gA, position_mask, self.dtype), _rows(gB, position_mask, self.dtype)
+                    _add_stacked(self.U_sum[i], ga.T @ ga, ga, gb, self.need_cross)
 
     def factors(self, num_terms: int) -> tuple[list[Tensor], list[Tensor]]:
         """``(U list, V list)``: gradient factors (mean over terms), input factors (mean over positions)."""

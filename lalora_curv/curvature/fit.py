@@ -229,7 +229,7 @@ def _fit_kronecker(model, lora, batches, structure, kind, mc_samples, generator,
                    share_inputs, sync=False):
     from ..backends.hooks import KroneckerStats, LoRAHookRecorder
 
-    stats = KroneckerStats(lora, dtype, lora.device)
+    stats = KroneckerStats(lora, dtype, lora.device, need_cross=structure == "kfac_tridiag")
     num_terms = 0
     with LoRAHookRecorder(lora) as recorder:
         for batch in iterator:
