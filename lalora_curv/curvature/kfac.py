@@ -100,8 +100,10 @@ class KFACCurvature(CurvatureOperator):
     def quadratic_form(self, delta, lora=None) -> Tensor:
         delta = self._check_vector(self._flat_delta(delta, lora), "delta")
         total = delta.new_zeros(())
-        for b, lo, hi in self._iter_blocks():
-            D = delta[lo:hi].view(b["d_out"], b["d_in"])
+        # one split, not per-block slices: each slice's backward would zero-fill a full-length gradient
+        parts = delta.split([b["d_out"] * b["d_in"] for b in self.blocks])
+        for b, part in zip(self.blocks, parts):
+            D = part.view(b["d_out"], b["d_in"])
             G, A = self.grad_factors[b["grad"]], self.input_factors[b["inp"]]
             total = total + ((G @ D) * (D @ A)).sum()  # tr(D^T G D A) for symmetric A
         return total
