@@ -1,0 +1,95 @@
+"""Smoke test of benchmarks/forgetting.py: the core loop on the tiny Llama, 3 methods, 2 steps."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+forgetting = pytest.importorskip("benchmarks.forgetting")
+
+
+def test_tiny_preset_end_to_end(tmp_path):
+    cfg = forgetting.make_config("tiny")
+    assert cfg.model == "tiny" and cfg.steps == 2
+    assert [m["method"] for m in cfg.methods] == ["lora", "l2", "lalora"]
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+
+    for name in ("results.json", "summary.md", "pareto_nll.png", "pareto_acc.png", "base_eval_cache.json"):
+        assert (tmp_path / name).is_file(), name
+    assert (tmp_path / "pareto_nll.png").read_bytes()[:4] == b"\x89PNG"
+    data = json.loads((tmp_path / "results.json").read_text())
+    for key in ("machine", "config", "runs", "points", "tables", "forgetting_evidence", "base", "curvature",
+                "calibration", "timing", "data", "model"):
+        assert key in data, key
+    assert data["complete"] is True
+    assert data["data"]["disjoint_checked"] is True
+    assert {r["family"] for r in data["runs"]} == {"LoRA", "L2", "LaLoRA-kfac"}
+    for r in data["runs"]:
+        m = r["metrics"]
+        for k in ("tgt_nll", "tgt_em", "src_text_nll", "src_mcq_nll", "src_mcq_acc", "proxy_text_nll",
+                  "proxy_mcq_acc"):
+            assert m[k] is not None, (r["id"], k)
+        h = r["history"]
+        assert h["steps"] == 2 and len(h["task_loss"]) == 2
+        assert r["init"] == forgetting.B0_INIT
+    lalora = next(r for r in data["runs"] if r["method"] == "lalora")
+    assert lalora["info"]["prior_precision"] > 0 and lalora["history"]["penalty_max"] >= 0
+    assert "kfac" in data["calibration"]["qv/s0"] and "l2" in data["calibration"]["qv/s0"]
+    assert len(data["forgetting_evidence"]["qv"]["src_text_nll"]["deltas"]) == 1
+    assert {row["family"] for row in data["tables"]["qv"]["nll"]} == {"LoRA", "L2", "LaLoRA-kfac"}
+    summary = (tmp_path / "summary.md").read_text()
+    assert "Forgetting evidence" in summary and "pareto_nll.png" in summary
+
+    # a second run reuses the cached base-model evaluation
+    payload2 = forgetting.run_benchmark(forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}]}),
+                                        tmp_path, "cpu", progress=False, log=lambda *_: None)
+    assert payload2["timing"]["base_eval_cached"] is True
+    assert payload2["base"] == payload["base"]
+
+
+def test_small_preset_runs_and_tables():
+    """The small preset expands to every method family (baselines included when importable), and the
+    matched-target table picks the best source score within the tolerance."""
+    cfg = forgetting.make_config("small")
+    baselines = forgetting._try_baselines()
+    runs, notes = forgetting.expand_runs(cfg, baselines)
+    families = {r["family"] for r in runs}
+    assert {"LoRA", "L2", "LaLoRA-diag", "LaLoRA-kfac", "LaLoRA-kfac_tridiag", "LaLoRA-kfac_delta_w"} <= families
+    if baselines is not None:
+        assert {"migu", "milora", "corda_kpm", "intruders", "osf", "LaLoRA-kfac_tridiag@milora"} <= families
+    else:
+        assert notes
+    # plain LoRA first within each (setting, seed), seeds for the evidence
+    first = {}
+    for r in runs:
+        first.setdefault((r["setting"], r["seed"]), r["method"])
+    assert set(first.values()) == {"lora"}
+    assert len({r["seed"] for r in runs if r["method"] == "lora"}) >= 2
+
+    base = {"tgt_nll": 1.0, "src_text_nll": 2.0}
+    plain = {"family": "LoRA", "point": "-", "init": "x", "tgt_nll": 0.5, "src_text_nll": 2.5, "seeds": [0]}
+    pts = [plain,
+           {"family": "A", "point": "lam=1", "init": "x", "tgt_nll": 0.51, "src_text_nll": 2.3, "seeds": [0]},
+           {"family": "A", "point": "lam=2", "init": "x", "tgt_nll": 0.6, "src_text_nll": 2.0, "seeds": [0]},
+           {"family": "B", "point": "h", "init": "x", "tgt_nll": 0.7, "src_text_nll": 2.0, "seeds": [0]}]
+    for p in pts:
+        p.update({k: p.get(k) for k in forgetting.METRICS})
+        p.update({k + "_sd": None for k in forgetting.METRICS})
+    rows = forgetting.best_at_matched_target(pts, plain, base, "tgt_nll", "src_text_nll", 0.02, lower=True)
+    by = {r["family"]: r for r in rows}
+    assert by["A"]["point"] == "lam=1" and by["A"]["within_tolerance"]
+    assert by["A"]["recovered"] == pytest.approx(0.4)
+    assert not by["B"]["within_tolerance"]
+
+
+def test_fast_mcq_matches_reference():
+    """The shared-prompt MCQ scorer gives mcq_scores' log-likelihoods (tiny Llama, eager attention)."""
+    from lalora_curv.data import wordnet_mcq
+    from lalora_curv.models import tiny_llama, tiny_tokenizer
+
+    from benchmarks.forgetting_mcq import check_against_reference
+
+    check = check_against_reference(tiny_llama(), tiny_tokenizer(), wordnet_mcq("eval", n=5, seed=1))
+    assert check["ok"], check
+    assert check["max_abs_loglik_diff"] < 1e-4
