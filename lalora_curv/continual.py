@@ -52,8 +52,6 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -65,7 +63,7 @@ from .curvature.base import CurvatureOperator
 from .curvature.dense import DenseCurvature
 from .curvature.diag import DiagCurvature
 from .curvature.diag_lowrank import DiagLowRankCurvature
-from .curvature.io import CurvatureFileError, CurvatureMismatchError, validate_signature
+from .curvature.io import CurvatureFileError, CurvatureMismatchError, validate_signature, write_safetensors_atomic
 from .curvature.kfac import KFACCurvature
 from .curvature.kronecker import batch_to_rows, rows_to_batch, sym_eigh
 from .curvature.lowrank import LowRankCurvature
@@ -749,10 +747,6 @@ class TaskSequence:
         ``task{t}.mean``, ``task{t}.precision.<key>`` (each operator's state tensors) and, under the
         metadata key ``lalora_curv.task_sequence``, JSON with the configuration, the LoRA registry
         signature and per task its name, isotropic part, info and the operator's structure/meta."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors: dict[str, Tensor] = {"process_noise": self.process_noise}
         tasks_meta = []
         for t, rec in enumerate(self.tasks):
@@ -764,24 +758,9 @@ class TaskSequence:
             tasks_meta.append({"name": rec.name, "isotropic": rec.isotropic, "info": rec.info,
                                "precision": {"structure": rec.precision.structure, "common": common,
                                              "meta": rec.precision.state_meta()}})
-        seen: set[int] = set()
-        out = {}
-        for key, val in tensors.items():  # safetensors refuses shared storage: copy repeats
-            val = val.detach().to("cpu").contiguous()
-            ptr = val.untyped_storage().data_ptr()
-            out[key] = val.clone() if ptr in seen else val
-            seen.add(ptr)
         meta = {"format": SEQUENCE_FORMAT, "config": self._config(), "signature": self.lora.signature(),
                 "tasks": tasks_meta}
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(out, tmp, metadata={SEQUENCE_META_KEY: json.dumps(meta)})
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        write_safetensors_atomic(tensors, path, {SEQUENCE_META_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path, model: nn.Module, *, structure: str | None = None,

@@ -32,35 +32,40 @@ class CurvatureMismatchError(ValueError):
     """A saved curvature does not fit the model's LoRA registry (adapter, names, shapes, structure)."""
 
 
-def save_curvature(curv: CurvatureOperator, path) -> None:
-    """Write ``curv`` to ``path`` atomically (temp file in the same folder, then rename)."""
+def write_safetensors_atomic(tensors: dict, path, metadata: dict[str, str]) -> None:
+    """Write ``tensors`` (any device) with string ``metadata`` to ``path`` atomically: a temp file
+    in the same folder, then ``os.replace``; a failure leaves any previous file untouched.
+    safetensors refuses tensors sharing storage, so repeats are stored as copies."""
     from safetensors.torch import save_file
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    seen: dict[int, str] = {}
-    for key, t in curv.state_tensors().items():
+    out, seen = {}, set()
+    for key, t in tensors.items():
         t = t.detach().to("cpu").contiguous()
-        # safetensors refuses shared storage: store a copy, sharing is rebuilt from the metadata
         ptr = t.untyped_storage().data_ptr()
-        tensors[key] = t.clone() if ptr in seen else t
-        seen[ptr] = key
+        out[key] = t.clone() if ptr in seen else t
+        seen.add(ptr)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(out, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_curvature(curv: CurvatureOperator, path) -> None:
+    """Write ``curv`` to ``path`` atomically (temp file in the same folder, then rename)."""
     meta = {
         "format": FORMAT_VERSION,
         "structure": curv.structure,
         "common": curv._common() | {"num_params": curv.num_params},
         "meta": curv.state_meta(),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={META_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_safetensors_atomic(curv.state_tensors(), path, {META_KEY: json.dumps(meta)})
 
 
 def _read(path: Path):
