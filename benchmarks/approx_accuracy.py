@@ -72,28 +72,31 @@ SETTING_LABELS = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
-    # CPU, 2 cores, about 15 minutes: the committed result.
+    # CPU, 2 cores, about 15 minutes: the committed result. Everything is cut to the bone (one
+    # forward+backward of SmolLM2 on 64 tokens takes seconds on this machine).
     "small": dict(
         description="CPU preset: real SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, eager attention; "
-                    "proxy 2 packed batches of 2x64 tokens; 2 random directions",
+                    "proxy batches of 1x64 packed tokens (2 for the main comparison, up to 8 for stabilization); "
+                    "2 random directions; fine-tune 4 steps",
         model="smollm2", device="cpu", seed=0, r=8, alpha=16, rank=16, bnz_rel_norm=0.05,
         lora_configs={"qv": ["q_proj", "v_proj"], "all-linear": "all-linear"},
-        combos=[["qv", "b0"], ["qv", "bnz"], ["all-linear", "b0"], ["all-linear", "bnz"]],
+        combos=[["qv", "b0"], ["qv", "bnz"], ["all-linear", "bnz"]],
         source_kind="mix",
-        proxy=dict(batch_size=2, seq_len=64, num_batches=2),
-        structures=STRUCTURES, fits=[MC1, MC4, EMP], n_random=2, ref_chunk=8, crosscheck=1,
-        target=dict(task="gsm_symbolic", n_items=16, batch_size=2, seq_len=320, grad_batches=1),
-        source_grad=dict(batch_size=2, seq_len=64, num_batches=1),
-        finetune=dict(steps=8, lr=1e-3),
-        delta_w=dict(combos=[["qv", "b0"], ["qv", "bnz"]], fits=[MC1, EMP], ref_chunk=3),
-        kfac_memory=dict(combos=[["qv", "bnz"], ["all-linear", "bnz"]]),
-        terms=dict(combos=[["qv", "bnz"]], batch_size=1, seq_len=32, num_batches=1,
+        proxy=dict(batch_size=1, seq_len=64, num_batches=2),
+        structures=STRUCTURES, fits=[MC1, EMP], extra_fits={"qv/bnz": [MC4]}, n_random=2, ref_chunk=8,
+        crosscheck=1,
+        target=dict(task="gsm_symbolic", n_items=8, batch_size=1, seq_len=320, grad_batches=1),
+        source_grad=dict(batch_size=1, seq_len=64, num_batches=1),
+        finetune=dict(steps=4, lr=1e-3),
+        delta_w=dict(combos=[["qv", "bnz"]], fits=[MC1, EMP], ref_chunk=4),
+        kfac_memory=dict(combos=[["all-linear", "bnz"]]),
+        terms=dict(combos=[["qv", "bnz"]], batch_size=1, seq_len=16, num_batches=1,
                    structures=["diag", "lowrank", "diag_lowrank"], fits=[MC1, EMP]),
-        dense=dict(module="layers.29.self_attn.v_proj", settings=["bnz", "b0"], batch_size=2, seq_len=32,
+        dense=dict(module="layers.29.self_attn.v_proj", settings=["bnz"], batch_size=1, seq_len=32,
                    num_batches=1, seq_fits=[MC1, MC16, EMP], token_fits=[MC1, EMP],
-                   structures=["dense"] + STRUCTURES, k=8, n_random=8, jvp_chunk=128, check_vectors=2),
+                   structures=["dense"] + STRUCTURES, k=8, n_random=8, jvp_chunk=512, check_vectors=2),
         stabilization=dict(combo=["qv", "b0"], num_batches=[1, 2, 4, 8],
-                           structures=["diag", "kfac", "lowrank", "diag_lowrank"], fits=[MC1, EMP]),
+                           structures=["diag", "kfac", "lowrank", "diag_lowrank"], fits=[MC1]),
     ),
     # GPU (H100), fp32: bigger batches and more directions, the same code path.
     "full": dict(
@@ -412,44 +415,72 @@ def matvec_forms(model, params, batches, D: Tensor, kind: str, chunk: int) -> Te
     return torch.stack(rows)
 
 
+def _split_columns(X: Tensor, shapes) -> list[Tensor]:
+    """``X: Tensor[P, k]`` (flat columns) -> per-parameter tangents ``[k, *shape]``."""
+    out, off = [], 0
+    for shp in shapes:
+        n = math.prod(shp)
+        out.append(X[off:off + n].T.reshape(X.shape[1], *shp))
+        off += n
+    return out
+
+
+def jvp_logits(model_func, params, X, D: Tensor) -> tuple[Tensor, Tensor]:
+    """``(logits, Z)``: the model output at ``X`` and ``Z[k] = J d_k`` for the columns ``d_k`` of ``D``.
+
+    ``torch.func.jvp`` vmapped over the columns (what curvlinops' ``JacobianLinearOperator`` does),
+    returning the primal output once (no extra forward pass).
+    """
+    from torch.func import functional_call, jvp
+
+    names = {id(p): n for n, p in model_func.named_parameters()}
+    pnames = [names[id(p)] for p in params]
+    primals = tuple(p.detach() for p in params)
+
+    def f(*ps):
+        return functional_call(model_func, dict(zip(pnames, ps)), (X,))
+
+    tangents = _split_columns(D.to(primals[0].dtype), [p.shape for p in primals])
+    with torch.no_grad():
+        out, Z = torch.vmap(lambda *v: jvp(f, primals, v), out_dims=(None, 0), randomness="same")(*tangents)
+    return out, Z
+
+
 def reference_forms(model, params, batches, D: Tensor, chunk: int) -> dict[str, Any]:
     """Exact token-level ``d^T GGN d`` and ``d^T EF d`` per batch, from one Jacobian-vector product per
-    direction (curvlinops ``JacobianLinearOperator``: forward-mode AD through the whole model).
+    direction (forward-mode AD through the whole model, vmapped over directions).
 
     With ``z = J d`` the logit tangent of term ``m`` and ``p_m`` its softmax (mean over the
     ``M = N (T-1)`` terms of a packed batch, as curvlinops' ``reduction="mean"``)::
 
-        d^T GGN d = (1/M) sum_m [ sum_c p_mc z_mc^2 - (p_m . z_m)^2 ]    (z^T (diag p - p p^T) z)
+        d^T GGN d = (1/M) sum_m sum_c p_mc (z_mc - p_m . z_m)^2   (= z^T (diag p - p p^T) z, centred form)
         d^T EF  d = (1/M) sum_m ( (p_m - e_{y_m}) . z_m )^2
 
-    This equals ``d^T (GGNLinearOperator @ d)`` (resp. EF) without the transposed-Jacobian pass, and
-    gives both references from the same JVP. Returns per-batch ``Tensor[num_batches, num_dirs]`` for
-    "ggn" and "ef" (all batches have the same shape, so a union of batches is the mean of rows).
+    i.e. ``d^T (GGNLinearOperator @ d)`` (resp. EF) without the transposed-Jacobian pass, and both
+    from the same JVP (reductions in float64). Returns per-batch ``Tensor[num_batches, num_dirs]``
+    for "ggn" and "ef" (all batches have the same shape, so a union of batches is the mean of rows).
     """
-    from curvlinops import JacobianLinearOperator
-
     device = D.device
     rows = {"ggn": [], "ef": []}
     times = []
     for batch in batches:
-        model_func, data, bsf = _curvlinops_data(model, batch, device)
+        model_func, data, _ = _curvlinops_data(model, batch, device)
         (X, y), = data
         t0 = time.perf_counter()
-        op = JacobianLinearOperator(model_func, list(params), data, progressbar=False, check_deterministic=False,
-                                    batch_size_fn=bsf)
-        with torch.no_grad():
-            logits = model_func(X).float()  # (N, V, T-1)
-        p = torch.softmax(logits, dim=1)
-        r = p.clone()
-        r.scatter_add_(1, y[:, None, :], -torch.ones_like(y[:, None, :], dtype=r.dtype))  # p - onehot(y)
-        M = y.numel()
         qg, qe = [], []
+        p = r = None
         for s in range(0, D.shape[1], chunk):
-            Z = (op @ D[:, s:s + chunk]).reshape(*logits.shape, -1).float()  # (N, V, T-1, k)
-            pz = (p[..., None] * Z).sum(1)
-            qg.append((((p[..., None] * Z * Z).sum(1) - pz * pz).sum((0, 1)) / M).double().cpu())
-            qe.append((((r[..., None] * Z).sum(1) ** 2).sum((0, 1)) / M).double().cpu())
-            del Z
+            logits, Z = jvp_logits(model_func, params, X, D[:, s:s + chunk])  # (N, V, T-1), (k, N, V, T-1)
+            if p is None:
+                p = torch.softmax(logits.double(), dim=1)
+                r = p.clone()
+                r.scatter_add_(1, y[:, None, :], -torch.ones_like(y[:, None, :], dtype=r.dtype))  # p - onehot(y)
+            M = y.numel()
+            Z = Z.double()
+            pz = (p * Z).sum(2, keepdim=True)
+            qg.append(((p * (Z - pz) ** 2).sum(2).sum((1, 2)) / M).cpu())
+            qe.append((((r * Z).sum(2) ** 2).sum((1, 2)) / M).cpu())
+            del Z, pz
         common.sync(device)
         times.append(time.perf_counter() - t0)
         rows["ggn"].append(torch.cat(qg))
@@ -600,7 +631,7 @@ def run_combo(base, tok, cfg: dict, config_name: str, setting: str, device, voca
     refs = reference_forms(model, lora.params, proxy, D, cfg["ref_chunk"])
     nb = px["num_batches"]
     q_ref = {"ggn": refs["ggn"][:nb].mean(0), "ef": refs["ef"][:nb].mean(0)}
-    info["reference"] = {"method": "curvlinops JacobianLinearOperator (one JVP per direction and batch)",
+    info["reference"] = {"method": "torch.func.jvp (one JVP per direction and batch; centred z^T H z, float64)",
                          "seconds_per_batch_jvp": refs["seconds_per_batch_jvp"], "num_batches": len(proxy),
                          "per_batch_q_ggn": refs["ggn"], "per_batch_q_ef": refs["ef"],
                          "q_ggn": q_ref["ggn"], "q_ef": q_ref["ef"]}
@@ -612,7 +643,8 @@ def run_combo(base, tok, cfg: dict, config_name: str, setting: str, device, voca
                              q_ref["ggn"], extra={"label": "exact EF vs GGN", "nbytes": None}))
 
     # fitted structures vs the exact references
-    result["qf"] += _fit_rows(model, lora, main_batches, cfg["structures"], cfg["fits"], D, names, q_ref, cfg, key,
+    fits = cfg["fits"] + [f for f in cfg.get("extra_fits", {}).get(key, []) if f not in cfg["fits"]]
+    result["qf"] += _fit_rows(model, lora, main_batches, cfg["structures"], fits, D, names, q_ref, cfg, key,
                               setting, vocab, result, "qf")
     _log(f"{key}: fitted structures done", progress)
     if want_mem:
@@ -1052,8 +1084,9 @@ def write_markdown(result: dict, path: Path, plots: dict[str, Path]) -> Path:
              f"alpha={cfg['alpha']}; lowrank/diag_lowrank rank {cfg['rank']}.", "",
              "Numbers are signed relative errors `d^T P d / d^T G d - 1` (negative = underestimates the "
              "reference), with G the **exact** token-level GGN (for kind mc/ggn) or the exact token-level "
-             "empirical Fisher (for kind empirical), both from curvlinops matvecs on the same packed "
-             "(unpadded, fully labelled) proxy batches. `random` = over random Gaussian directions. "
+             "empirical Fisher (for kind empirical), both exact, computed from Jacobian-vector products (see "
+             "below) on the same packed (unpadded, fully labelled) proxy batches as the fits. `random` = over "
+             "random Gaussian directions (`median abs` = median of |error|). "
              f"Directions: gradients at theta0 of the target loss ({cfg['target']['task']} SFT batch) and of the "
              "source loss (held-out source text), and the displacement theta_t - theta0 of a short LoRA fine-tune "
              f"on {cfg['target']['task']} from the same anchor. `state` = the operator's `nbytes`.", ""]
@@ -1063,8 +1096,8 @@ def write_markdown(result: dict, path: Path, plots: dict[str, Path]) -> Path:
     if result["crosscheck"]:
         lines += ["## How the exact references are computed", "",
                   "`d^T G d` for the full LoRA (and Delta-W) space comes from one Jacobian-vector product per "
-                  "direction and batch (curvlinops `JacobianLinearOperator`, forward-mode AD through the whole "
-                  "model): with `z = J d` per term, `d^T GGN d = mean_m z^T (diag p - p p^T) z` and `d^T EF d = "
+                  "direction and batch (`torch.func.jvp` vmapped over directions, as curvlinops' "
+                  "`JacobianLinearOperator`; forward-mode AD through the whole model): with `z = J d` per term, `d^T GGN d = mean_m z^T (diag p - p p^T) z` and `d^T EF d = "
                   "mean_m ((p - e_y)^T z)^2`, the same numbers as `d^T (GGNLinearOperator @ d)` / `EFLinearOperator` "
                   "without their transposed-Jacobian pass, and both from one JVP. Cross-check against the "
                   "curvlinops operators (matvecs) on a few directions:", ""]
