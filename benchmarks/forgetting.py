@@ -131,40 +131,47 @@ class Config:
 STRUCTURES = ("diag", "kfac", "kfac_tridiag", "kfac_delta_w")
 
 
+# Strengths are *relative* (``relative_strengths``): ``rel * lam_ratio1``, where ``lam_ratio1`` is the
+# strength at which plain LoRA's final solution (same setting and seed) would pay a penalty equal to
+# its final task loss under that very penalty (see ``Benchmark.calibrate``). This puts L2 and every
+# curvature structure, whose scales differ by orders of magnitude, on one comparable axis.
 def _small_methods() -> list[dict]:
     return [
         {"method": "lora"},
-        {"method": "l2", "strengths": [1e-1, 1.0]},
-        {"method": "lalora", "structure": "diag", "strengths": [1e4, 1e5]},
-        {"method": "lalora", "structure": "kfac", "strengths": [1e4, 1e5]},
-        {"method": "lalora", "structure": "kfac_tridiag", "strengths": [1e5]},
-        {"method": "lalora", "structure": "kfac_delta_w", "strengths": [1e4, 1e5]},
+        {"method": "l2", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "diag", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "kfac", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
+        {"method": "lalora", "structure": "kfac_delta_w", "relative_strengths": [3.0]},
         {"method": "baseline", "name": "migu"},
         {"method": "baseline", "name": "milora"},
         {"method": "baseline", "name": "corda_kpm"},
         {"method": "baseline", "name": "intruders"},
         {"method": "baseline", "name": "osf", "grid": [{"trainable_rank": None}]},
-        {"method": "lalora_on_init", "init": "milora", "structure": "kfac", "strengths": [1e5]},
-        {"method": "lalora_on_init", "init": "milora", "structure": "kfac_tridiag", "strengths": [1e5]},
+        {"method": "lalora_on_init", "init": "milora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
     ]
 
 
 def _full_methods() -> list[dict]:
-    lam = [1e2, 1e3, 1e4, 1e5, 1e6]
+    rel = [0.1, 0.3, 1.0, 3.0, 10.0]
     return [
         {"method": "lora"},
-        {"method": "l2", "strengths": [1e-2, 1e-1, 1.0, 10.0]},
-        *({"method": "lalora", "structure": s, "strengths": lam} for s in STRUCTURES),
+        {"method": "l2", "relative_strengths": rel},
+        *({"method": "lalora", "structure": s, "relative_strengths": rel} for s in STRUCTURES),
         *({"method": "baseline", "name": n} for n in ("migu", "milora", "corda_kpm", "intruders", "osf")),
-        *({"method": "lalora_on_init", "init": init, "structure": s, "strengths": [1e3, 1e4, 1e5]}
+        *({"method": "lalora_on_init", "init": init, "structure": s, "relative_strengths": [0.3, 1.0, 3.0]}
           for init in ("milora", "corda_kpm") for s in ("kfac", "kfac_tridiag")),
     ]
 
 
+# Training budget of the CPU presets (small and the ablations): plain LoRA must visibly forget.
+SMALL_TRAINING = dict(n_train=80, train_batch_size=2, steps=40, lr=4e-3)
+
+
 def _preset(name: str) -> Config:
     """The named preset (see ``--list-presets``)."""
-    if name == "small":
-        return Config(preset="small", methods=_small_methods())
+    if name == "small":  # CPU: ~20 trainings of 40 steps x 2 sequences; split over 2 cores, see docs
+        return Config(preset="small", methods=_small_methods(), **SMALL_TRAINING, generate="plain", n_generate=16, max_new_tokens=160)
     if name == "full":
         return Config(preset="full", seeds=(0, 1, 2), plain_seeds=(0, 1, 2), n_train=256, n_target_eval=100,
                       n_mcq=200, n_mcq_proxy=100, n_source_eval=100, steps=200, max_new_tokens=256,
@@ -180,39 +187,43 @@ def _preset(name: str) -> Config:
                       settings=[{"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "all"}],
                       methods=[{"method": "lora"}, {"method": "l2", "strengths": [1.0]},
                                {"method": "lalora", "structure": "kfac", "strengths": [10.0]}])
+    if name == "evidence":  # plain LoRA only, both target sets, 3 seeds: is forgetting visible?
+        return Config(preset=name, seeds=(), plain_seeds=(0, 1, 2), generate="plain", methods=[{"method": "lora"}],
+                      settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "plain"},
+                                {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "plain"}])
     # ---- ablations (the paper's): LaLoRA-kfac (+ plain LoRA as the reference) on all-linear
-    base = dict(seeds=(0, 1), plain_seeds=(0, 1), generate="none",
+    base = dict(seeds=(0, 1), plain_seeds=(0, 1), generate="none", **SMALL_TRAINING,
                 settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "all"}])
-    lam = [1e3, 1e4, 1e5]
+    lam = [0.3, 1.0, 3.0]   # relative strengths (see _small_methods)
     if name == "ablation_proxy_batches":
-        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "strengths": lam,
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
                                            "proxy_batches": n} for n in (1, 2, 4, 8)]
         return Config(preset=name, methods=methods, **base)
     if name == "ablation_proxy_text":
-        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "strengths": lam,
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
                                            "proxy_kind": k} for k in ("wordnet", "pydoc", "mix")]
         return Config(preset=name, methods=methods, **base)
     if name == "ablation_rank":
         settings = [{"name": f"all-linear-r{r}", "target_modules": "all-linear", "r": r, "alpha": 2 * r,
                      "methods": "all"} for r in (4, 8, 16)]
-        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "strengths": lam}]
+        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam}]
         return Config(preset=name, methods=methods, **{**base, "settings": settings})
     if name == "ablation_length":
-        steps = Config().steps
+        steps = SMALL_TRAINING["steps"]
         settings = [{"name": f"all-linear-{s}steps", "target_modules": "all-linear", "steps": s, "methods": "all"}
                     for s in (steps, 4 * steps)]
-        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "strengths": lam},
-                   {"method": "l2", "strengths": [1e-1, 1.0]}]
+        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam},
+                   {"method": "l2", "relative_strengths": lam}]
         return Config(preset=name, methods=methods, **{**base, "settings": settings})
     if name == "ablation_lambda":
-        sweep = [10.0 ** k for k in range(1, 8)]
-        methods = [{"method": "lora"}, {"method": "l2", "strengths": [1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0]},
-                   *({"method": "lalora", "structure": s, "strengths": sweep} for s in STRUCTURES)]
+        sweep = [10.0 ** k for k in range(-2, 3)]
+        methods = [{"method": "lora"}, {"method": "l2", "relative_strengths": sweep},
+                   *({"method": "lalora", "structure": s, "relative_strengths": sweep} for s in STRUCTURES)]
         return Config(preset=name, methods=methods, **base)
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
 
 
-PRESET_NAMES = ("small", "full", "tiny", "ablation_proxy_batches", "ablation_proxy_text", "ablation_rank",
+PRESET_NAMES = ("small", "full", "tiny", "evidence", "ablation_proxy_batches", "ablation_proxy_text", "ablation_rank",
                 "ablation_length", "ablation_lambda")
 
 
@@ -279,7 +290,8 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
                     continue
                 family = family_of(spec)
                 common = {"setting": setting["name"], "seed": seed, "method": m, "family": family,
-                          "spec": {k: v for k, v in spec.items() if k not in ("strengths", "grid")}}
+                          "spec": {k: v for k, v in spec.items() if k not in ("strengths", "relative_strengths",
+                                                                              "grid")}}
                 if m == "lora":
                     runs.append({**common, "point": "-"})
                 elif m in ("l2", "lalora", "lalora_on_init"):
@@ -287,8 +299,11 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
                         if setting is cfg.settings[0] and seed == seeds[0]:
                             notes.append(f"{family}: skipped (benchmarks.baselines not importable)")
                         continue
-                    for lam in spec["strengths"]:
+                    for lam in spec.get("strengths", ()):
                         runs.append({**common, "point": f"lam={_lam_label(lam)}", "strength": float(lam)})
+                    for rel in spec.get("relative_strengths", ()):
+                        # resolved at run time: rel * lam_ratio1 of the same (setting, seed) calibration
+                        runs.append({**common, "point": f"rel={rel:g}", "relative": float(rel)})
                 elif m == "baseline":
                     if baselines is None or spec["name"] not in baselines:
                         if setting is cfg.settings[0] and seed == seeds[0]:
@@ -716,6 +731,9 @@ class Benchmark:
         is_lora = info.get("lora", True)
         lora = LoRAParams.from_model(model) if is_lora else None
 
+        if "relative" in run:
+            run = {**run, "strength": self.resolve_strength(run)}
+            record.update(strength=run["strength"], relative=run["relative"])
         if run["method"] == "l2":
             penalty = L2Penalty(anchor=lora.snapshot(), strength=run["strength"], lora=lora)
         elif run["method"] == "lalora":
@@ -760,6 +778,19 @@ class Benchmark:
             self.calibrate(model, lora, run, data, tokenizer, hist)
         return [record]
 
+    def resolve_strength(self, run: dict) -> float:
+        """``run["relative"] * lam_ratio1`` of the calibration at plain LoRA's solution of the same
+        (setting, seed); for ``lalora_on_init`` the ratio of the same structure at the B = 0 init is used
+        (the on-init curvature is fitted elsewhere, so its ``rel=1`` is only roughly "penalty = task")."""
+        key = f"{run['setting']}/s{run['seed']}"
+        penalty = "l2" if run["method"] == "l2" else run["spec"]["structure"]
+        cal = self.calibration.get(key, {}).get(penalty)
+        if not cal or not cal.get("lam_ratio1"):
+            raise RuntimeError(f"{run['id']}: relative strength needs the calibration of {key} for {penalty!r}; "
+                               f"plain LoRA of that setting and seed must run first (it is in plain_seeds: "
+                               f"{run['seed'] in self.cfg.plain_seeds})")
+        return float(run["relative"] * cal["lam_ratio1"])
+
     # ---------------------------------------------------------------- lambda calibration
     def calibrate(self, model, lora, run: dict, data: Data, tokenizer, hist: list[dict]) -> None:
         """At plain LoRA's final weights: ``q = d^T P d`` for each structure this setting uses (fitted
@@ -786,7 +817,7 @@ class Benchmark:
         out["l2"] = {"q": q, "lam_ratio1": 2 * task / q if q > 0 else None}
         structures = self.cfg.calibrate_structures
         if structures is None:
-            structures = sorted({s["structure"] for s in self.cfg.methods if s["method"] == "lalora"
+            structures = sorted({s["structure"] for s in self.cfg.methods if s["method"] in ("lalora", "lalora_on_init")
                                  and "proxy_batches" not in s and "proxy_kind" not in s})
         for structure in structures:
             proxy_key, proxy = proxy_for(self.cfg, data, tokenizer, {})
@@ -864,24 +895,89 @@ class Benchmark:
 
     # ---------------------------------------------------------------- outputs
     def write(self, final: bool) -> dict:
-        cfg = self.cfg
-        summary = summarize(self.results, self.base, cfg)
-        payload = {
-            "benchmark": "forgetting", "preset": cfg.preset, "complete": final,
-            "model": MODEL_LABEL.get(cfg.model, cfg.model),
-            "machine": machine_info(self.device), "config": cfg.to_dict(), "config_digest": cfg.digest(),
-            "notes": self.notes, "data": self.data_info, "timing": self.timing, "base": self.base,
-            "curvature": self.curv_info, "calibration": self.calibration,
-            "forgetting_evidence": summary["evidence"], "points": summary["points"], "tables": summary["tables"],
-            "runs": self.results,
-        }
-        write_json(self.out / "results.json", payload)
-        if final:
-            figs = plot_pareto(summary, self.base, cfg, self.out, footnote=_footnote(payload))
-            payload["figures"] = [str(p.name) for p in figs]
-            (self.out / "summary.md").write_text(render_markdown(payload, summary))
-            write_json(self.out / "results.json", payload)
-        return payload
+        return write_outputs(self.out, self.cfg, final=final, machine=machine_info(self.device), notes=self.notes,
+                             data=self.data_info, timing=self.timing, base=self.base, curvature=self.curv_info,
+                             calibration=self.calibration, runs=self.results)
+
+
+def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, notes: list, data: dict, timing: dict,
+                  base: dict, curvature: dict, calibration: dict, runs: list[dict], extra: dict | None = None) -> dict:
+    """Summarize ``runs`` and write ``results.json`` (and, if ``final``, ``summary.md`` and the plots)."""
+    summary = summarize(runs, base, cfg)
+    payload = {
+        "benchmark": "forgetting", "preset": cfg.preset, "complete": final,
+        "model": MODEL_LABEL.get(cfg.model, cfg.model),
+        "machine": machine, "config": cfg.to_dict(), "config_digest": cfg.digest(),
+        "notes": notes, "data": data, "timing": timing, "base": base,
+        "curvature": curvature, "calibration": calibration, **(extra or {}),
+        "forgetting_evidence": summary["evidence"], "points": summary["points"], "tables": summary["tables"],
+        "runs": runs,
+    }
+    write_json(out / "results.json", payload)
+    if final:
+        figs = plot_pareto(summary, base, cfg, out, footnote=_footnote(payload))
+        payload["figures"] = [str(p.name) for p in figs]
+        (out / "summary.md").write_text(render_markdown(payload, summary))
+        write_json(out / "results.json", payload)
+    return payload
+
+
+_MERGE_MAY_DIFFER = ("methods", "seeds", "plain_seeds")
+
+
+def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
+    """Merge finished runs of the same preset made by separate processes or machines (e.g. split
+    with ``--only`` and ``--set plain_seeds=...`` so that two CPU cores each run half of the grid).
+
+    The configs must agree on everything except ``methods``, ``seeds`` and ``plain_seeds`` (which
+    are united), and the base-model scores must agree; a run id present in two parts is an error.
+    """
+    payloads = []
+    for part in parts:
+        path = Path(part) / "results.json" if Path(part).is_dir() else Path(part)
+        payloads.append(json.loads(path.read_text()))
+    first = payloads[0]
+    ref = {k: v for k, v in first["config"].items() if k not in _MERGE_MAY_DIFFER}
+    for p in payloads[1:]:
+        other = {k: v for k, v in p["config"].items() if k not in _MERGE_MAY_DIFFER}
+        diff = sorted(k for k in set(ref) | set(other) if ref.get(k) != other.get(k))
+        if diff:
+            raise ValueError(f"cannot merge: configs differ in {diff}")
+        for k in ("tgt_nll", "src_text_nll", "src_mcq_nll", "proxy_text_nll"):
+            if not math.isclose(p["base"][k], first["base"][k], rel_tol=1e-4, abs_tol=1e-4):
+                raise ValueError(f"cannot merge: base-model {k} differs ({p['base'][k]} vs {first['base'][k]})")
+    methods, seen = [], set()
+    for p in payloads:
+        for m in p["config"]["methods"]:
+            key = json.dumps(m, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                methods.append(m)
+    cfg_dict = dict(first["config"], methods=methods,
+                    seeds=tuple(sorted({s for p in payloads for s in p["config"]["seeds"]})),
+                    plain_seeds=tuple(sorted({s for p in payloads for s in p["config"]["plain_seeds"]})))
+    cfg = Config(**cfg_dict)
+    runs, ids = [], set()
+    for p in payloads:
+        for r in p["runs"]:
+            if r["id"] in ids:
+                raise ValueError(f"cannot merge: run {r['id']} is in more than one part")
+            ids.add(r["id"])
+            runs.append(r)
+    notes = list(dict.fromkeys(n for p in payloads for n in p["notes"]))
+    notes.append(f"merged from {len(payloads)} parts run in parallel (wall times: "
+                 + ", ".join(f"{p['timing'].get('total_s', 0) / 60:.1f} min" for p in payloads) + ")")
+    timing = {"total_s": max(p["timing"].get("total_s", 0) for p in payloads),
+              "parts": [p["timing"] for p in payloads]}
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    base = dict(first["base"])
+    return write_outputs(out, cfg, final=True, machine=first["machine"], notes=notes, data=first["data"],
+                         timing=timing, base=base,
+                         curvature={k: v for p in payloads for k, v in p["curvature"].items()},
+                         calibration={k: v for p in payloads for k, v in p["calibration"].items()}, runs=runs,
+                         extra={"merged_from": [str(x) for x in parts],
+                                "part_configs": [p["config"] for p in payloads]})
 
 
 def _brief(m: dict) -> str:
@@ -920,7 +1016,8 @@ def summarize(results: list[dict], base: dict, cfg: Config) -> dict:
     points = []
     for (setting, family, point), rs in groups.items():
         p = {"setting": setting, "family": family, "point": point, "method": rs[0]["method"],
-             "strength": rs[0].get("strength"), "init": rs[0].get("init"), "seeds": [r["seed"] for r in rs]}
+             "strength": rs[0].get("strength"), "relative": rs[0].get("relative"), "init": rs[0].get("init"),
+             "seeds": [r["seed"] for r in rs], "strengths": [r.get("strength") for r in rs]}
         for k in METRICS:
             p[k], p[k + "_sd"] = _mean_sd([r["metrics"].get(k) for r in rs])
         p["penalty_task_ratio_last"], _ = _mean_sd([(r.get("history") or {}).get("penalty_task_ratio_last")
@@ -1024,7 +1121,8 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
                     fam = [p for p in pts if p["family"] == family and p.get(xk) is not None and p.get(yk) is not None]
                     if not fam:
                         continue
-                    fam.sort(key=lambda p: (p["strength"] is None, p["strength"] or 0, p["point"]))
+                    fam.sort(key=lambda p: (p.get("relative") is None and p["strength"] is None,
+                                            p.get("relative") or p["strength"] or 0, p["point"]))
                     color, marker = style[family]
                     xs, ys = [p[xk] for p in fam], [p[yk] for p in fam]
                     xe = [p.get(xk + "_sd") or 0 for p in fam]
@@ -1166,7 +1264,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--list-presets", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                        help="merge the results.json of these output dirs (parts of one preset run in parallel) "
+                             "into --output-dir and render them")
     args = parser.parse_args(argv)
+    if args.merge:
+        if not args.output_dir:
+            parser.error("--merge needs --output-dir")
+        merge_results(args.merge, args.output_dir)
+        return 0
     if args.list_presets:
         for name in PRESET_NAMES:
             cfg = _preset(name)

@@ -93,3 +93,38 @@ def test_fast_mcq_matches_reference():
     check = check_against_reference(tiny_llama(), tiny_tokenizer(), wordnet_mcq("eval", n=5, seed=1))
     assert check["ok"], check
     assert check["max_abs_loglik_diff"] < 1e-4
+
+
+def test_relative_strengths_and_merging_parts(tmp_path):
+    """Relative strengths resolve to rel * lam_ratio1 of the same seed's calibration, and two parts of
+    one preset run separately (as on two CPU cores) merge into one result; mismatched configs refuse."""
+    quiet = dict(progress=False, log=lambda *_: None)
+    part_a = forgetting.make_config("tiny", overrides={
+        "methods": [{"method": "lora"}, {"method": "l2", "relative_strengths": [2.0]}], "plain_seeds": [0]})
+    part_b = forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}], "plain_seeds": [1]})
+    a = forgetting.run_benchmark(part_a, tmp_path / "a", "cpu", **quiet)
+    forgetting.run_benchmark(part_b, tmp_path / "b", "cpu", **quiet)
+
+    l2 = next(r for r in a["runs"] if r["method"] == "l2")
+    assert l2["point"] == "rel=2" and l2["relative"] == 2.0
+    assert l2["strength"] == pytest.approx(2.0 * a["calibration"]["qv/s0"]["l2"]["lam_ratio1"])
+
+    merged = forgetting.merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert sorted(r["id"] for r in merged["runs"]) == ["qv/s0/L2/rel=2", "qv/s0/LoRA/-", "qv/s1/LoRA/-"]
+    assert merged["forgetting_evidence"]["qv"]["n_seeds"] == 2
+    assert (tmp_path / "m" / "summary.md").is_file() and (tmp_path / "m" / "pareto_nll.png").is_file()
+    with pytest.raises(ValueError, match="more than one part"):
+        forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
+
+    other = forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}], "plain_seeds": [2],
+                                                      "lr": 0.5})
+    forgetting.run_benchmark(other, tmp_path / "c", "cpu", **quiet)
+    with pytest.raises(ValueError, match="configs differ in \\['lr'\\]"):
+        forgetting.merge_results([tmp_path / "a", tmp_path / "c"], tmp_path / "m3")
+
+
+def test_relative_strength_without_calibration_is_a_clear_error(tmp_path):
+    cfg = forgetting.make_config("tiny", overrides={
+        "methods": [{"method": "lora"}, {"method": "l2", "relative_strengths": [1.0]}], "plain_seeds": [1]})
+    with pytest.raises(RuntimeError, match="relative strength needs the calibration of qv/s0"):
+        forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
