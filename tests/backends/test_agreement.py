@@ -38,14 +38,25 @@ def test_hooks_match_curvlinops_lm(lm, structure, kind):
     assert theirs.info["backend"] == "curvlinops"
 
 
+@pytest.fixture(scope="module")
+def lm_all_linear():
+    """LoRA on every linear layer: besides q,v also k, o_proj and the gated MLP (gate/up read the same
+    normed hidden state, down_proj reads the SiLU-gated product)."""
+    model = make_tiny_lm(targets=("all-linear",))
+    batches = [make_lm_batch(lengths=(6, 6), seed=s) for s in (21, 22)]
+    return model, batches
+
+
+@pytest.mark.parametrize("targets", ["qv", "all-linear"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kfac_quadratic_forms_match_curvlinops_kfac_operator(lm, kind):
-    """Our kfac quadratic form vs curvlinops' own KFACLinearOperator matvec on LoRA params."""
+def test_kfac_quadratic_forms_match_curvlinops_kfac_operator(lm, lm_all_linear, kind, targets):
+    """Our kfac quadratic form vs curvlinops' own KFACLinearOperator matvec on LoRA params (q,v and
+    all-linear: shared input factors of gate/up and of q/k/v must not change the operator)."""
     from curvlinops import KFACLinearOperator
 
     from lalora_curv.backends.curvlinops import as_curvlinops_data
 
-    model, batches = lm
+    model, batches = lm if targets == "qv" else lm_all_linear
     lora = lc.LoRAParams.from_model(model)
     ours = lc.fit_curvature(model, batches, structure="kfac", kind=kind, mc_samples=1, seed=7, **F64)
     model_func, data, bsf, _ = as_curvlinops_data(model, batches)
