@@ -128,3 +128,15 @@ def test_relative_strength_without_calibration_is_a_clear_error(tmp_path):
         "methods": [{"method": "lora"}, {"method": "l2", "relative_strengths": [1.0]}], "plain_seeds": [1]})
     with pytest.raises(RuntimeError, match="relative strength needs the calibration of qv/s0"):
         forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+
+
+def test_proxy_leak_checks():
+    """A held-out text or an eval MCQ definition inside the drawn proxy texts is refused."""
+    data = forgetting.Data(train_items=[], target_eval_items=[], text_eval={},
+                           mcq_eval=[{"definition": "a long definition of something rather rare"}], mcq_proxy=[],
+                           text_eval_texts={"wordnet": ["held-out sentence"]})
+    forgetting.check_proxy_disjoint(data, ["an unrelated proxy text", "another one"])
+    with pytest.raises(AssertionError, match="held-out texts are also proxy texts"):
+        forgetting.check_proxy_disjoint(data, ["held-out sentence"])
+    with pytest.raises(AssertionError, match="eval MCQ definitions"):
+        forgetting.check_proxy_disjoint(data, ["word: a long definition of something rather rare; more"])
