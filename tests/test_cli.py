@@ -49,9 +49,38 @@ def test_demo_writes_table_plot_and_json(tiny_dir, tmp_path):
     assert main(["demo", "--model", str(tiny_dir), "--steps", "1", "--proxy-batches", "1", "--output-dir", str(out),
                  *DATA, *EVAL, *SMALL]) == 0
     result = json.loads((out / "demo.json").read_text())
-    assert list(result["rows"]) == ["base model", "LoRA", f"LaLoRA (kfac, λ={result['lam']:g})"]
+    assert list(result["rows"]) == ["base model", "LoRA", f"LaLoRA (kfac, λ={result['lam']:.3g})"]
+    assert result["lam"] > 0 and result["lam_source"].startswith("--lam-relative 1 ")
+    assert "target_exact_match" not in result["rows"]["LoRA"]  # the demo skips generation unless --exact-match
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "demo.md").read_text().startswith("| model |")
+
+
+def test_demo_refuses_lam_with_lam_relative(tiny_dir, tmp_path, capsys):
+    assert main(["demo", "--model", str(tiny_dir), "--lam", "1", "--lam-relative", "1",
+                 "--output-dir", str(tmp_path), *SMALL]) == 2
+    assert "--lam or --lam-relative" in capsys.readouterr().err
+
+
+def test_relative_strength_makes_the_penalty_a_multiple_of_the_task_loss():
+    """At the adapter it was computed at, the penalty with the relative strength equals relative x task."""
+    import torch
+
+    import lalora_curv as lc
+    from lalora_curv.cli import relative_strength
+    from tests.conftest import make_lm_batch, make_tiny_lm
+
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    curv = lc.fit_curvature(model, [make_lm_batch()], structure="kfac", progress=False)
+    anchor = lora.snapshot()
+    with torch.no_grad():
+        for p in lora.params:
+            p.add_(0.1 * torch.randn_like(p))
+    probe = lc.LaplacePenalty(curv, anchor=anchor, strength=1.0, lora=lora)
+    lam = relative_strength(probe, task_loss=0.7, relative=3.0)
+    penalty = lc.LaplacePenalty(curv, anchor=anchor, strength=lam, lora=lora)
+    assert float(penalty()) == pytest.approx(3.0 * 0.7, rel=1e-6)  # the penalty runs in fp32
 
 
 def test_bench_runs_a_benchmark_module(tmp_path, monkeypatch):
