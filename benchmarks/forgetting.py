@@ -144,8 +144,8 @@ def _small_methods() -> list[dict]:
         {"method": "lalora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
         {"method": "lalora", "structure": "kfac_delta_w", "relative_strengths": [3.0]},
         {"method": "baseline", "name": "migu"},
-        {"method": "baseline", "name": "milora"},
-        {"method": "baseline", "name": "corda_kpm"},
+        {"method": "baseline", "name": "milora", "grid": [{}, {"lr": 1e-3}]},
+        {"method": "baseline", "name": "corda_kpm", "grid": [{}, {"lr": 1e-3}, {"lr": 2.5e-4}]},
         {"method": "baseline", "name": "intruders"},
         {"method": "baseline", "name": "osf", "grid": [{"trainable_rank": None}]},
         {"method": "lalora_on_init", "init": "milora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
@@ -706,6 +706,10 @@ class Benchmark:
         cfg = self.cfg
         setting = next(s for s in cfg.settings if s["name"] == run["setting"])
         steps, lr = int(setting.get("steps", cfg.steps)), float(setting.get("lr", cfg.lr))
+        # a baseline grid point may set its own learning rate ("lr"): non-zero inits (MiLoRA, CorDA)
+        # put large singular directions in A and B, where the zero-init LoRA learning rate can diverge
+        method_hp = {k: v for k, v in run.get("hp", {}).items() if k != "lr"}
+        lr = float(run.get("hp", {}).get("lr", lr))
         lk = lora_kwargs(cfg, setting)
         seed = run["seed"]
         generate = cfg.generate == "all" or (cfg.generate == "plain" and run["method"] == "lora")
@@ -738,7 +742,7 @@ class Benchmark:
             baseline = self.baselines[name]
             _, proxy = proxy_for(cfg, data, tokenizer, {})
             prepared = baseline.setup(model, lora_kwargs=dict(lk), proxy_batches=proxy,
-                                      hp=run.get("hp", {}), seed=seed)
+                                      hp=method_hp, seed=seed)
             model, info = prepared.model, dict(prepared.info)
             record["init"] = info.get("init", name)
         is_lora = info.get("lora", True)
@@ -779,7 +783,7 @@ class Benchmark:
         if prepared is not None:
             prepared.cleanup()
             if run["method"] == "baseline":
-                self.baselines[spec["name"]].post_train(model, run.get("hp", {}))
+                self.baselines[spec["name"]].post_train(model, method_hp)
         if penalty is not None and is_lora:
             with torch.no_grad():
                 info["final_quadratic"] = float(penalty.quadratic()) if hasattr(penalty, "quadratic") else None

@@ -140,3 +140,15 @@ def test_proxy_leak_checks():
         forgetting.check_proxy_disjoint(data, ["held-out sentence"])
     with pytest.raises(AssertionError, match="eval MCQ definitions"):
         forgetting.check_proxy_disjoint(data, ["word: a long definition of something rather rare; more"])
+
+
+def test_baseline_grid_point_sets_its_learning_rate(tmp_path):
+    """``{"lr": ...}`` in a baseline grid point trains with that rate and is not passed to the baseline."""
+    if forgetting._try_baselines() is None:
+        pytest.skip("benchmarks.baselines not importable")
+    cfg = forgetting.make_config("tiny", overrides={
+        "methods": [{"method": "baseline", "name": "milora", "grid": [{"lr": 0.5}, {}]}], "plain_seeds": []})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    by_point = {r["point"]: r for r in payload["runs"]}
+    assert by_point["lr=0.5"]["lr"] == 0.5 and by_point["default"]["lr"] == cfg.lr
+    assert "lr" not in by_point["lr=0.5"]["info"]
