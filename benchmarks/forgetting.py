@@ -66,7 +66,8 @@ class Config:
 
     ``settings``: LoRA configurations; each is a dict with ``name``, ``target_modules`` and
     optionally ``r``, ``alpha``, ``steps``, ``lr`` (overriding the top-level values) and ``methods``
-    (``"all"``: every method of ``methods``; ``"plain"``: plain LoRA only, as forgetting evidence).
+    (``"all"``: every method of ``methods``; ``"plain"``: plain LoRA only, as forgetting evidence;
+    a list of family / baseline names: those and plain LoRA).
     ``methods``: method families, each ``{"method": ..., ...}`` (see :func:`expand_runs`).
     """
 
@@ -152,6 +153,14 @@ def _small_methods() -> list[dict]:
     ]
 
 
+def _small_settings() -> list[dict]:
+    """all-linear: every method; q,v (where plain LoRA learns the target best at this budget): the
+    penalties, the two cheapest baselines and intruder reduction."""
+    return [{"name": "all-linear", "target_modules": "all-linear", "methods": "all"},
+            {"name": "qv", "target_modules": ["q_proj", "v_proj"],
+             "methods": ["L2", "LaLoRA-diag", "LaLoRA-kfac", "LaLoRA-kfac_delta_w", "migu", "osf", "intruders"]}]
+
+
 def _full_methods() -> list[dict]:
     rel = [0.1, 0.3, 1.0, 3.0, 10.0]
     return [
@@ -171,7 +180,8 @@ SMALL_TRAINING = dict(n_train=80, train_batch_size=2, steps=40, lr=4e-3)
 def _preset(name: str) -> Config:
     """The named preset (see ``--list-presets``)."""
     if name == "small":  # CPU: ~20 trainings of 40 steps x 2 sequences; split over 2 cores, see docs
-        return Config(preset="small", methods=_small_methods(), **SMALL_TRAINING, generate="plain", n_generate=16, max_new_tokens=160)
+        return Config(preset="small", methods=_small_methods(), settings=_small_settings(), **SMALL_TRAINING,
+                      generate="plain", n_generate=16, max_new_tokens=160)
     if name == "full":
         return Config(preset="full", seeds=(0, 1, 2), plain_seeds=(0, 1, 2), n_train=256, n_target_eval=100,
                       n_mcq=200, n_mcq_proxy=100, n_source_eval=100, steps=200, max_new_tokens=256,
@@ -289,6 +299,10 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
                 if m == "lora" and seed not in cfg.plain_seeds:
                     continue
                 family = family_of(spec)
+                allowed = setting.get("methods", "all")
+                if isinstance(allowed, (list, tuple)) and m != "lora" and not (
+                        family in allowed or spec.get("name") in allowed):
+                    continue
                 common = {"setting": setting["name"], "seed": seed, "method": m, "family": family,
                           "spec": {k: v for k, v in spec.items() if k not in ("strengths", "relative_strengths",
                                                                               "grid")}}
@@ -939,15 +953,31 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, notes: 
     return payload
 
 
-_MERGE_MAY_DIFFER = ("methods", "seeds", "plain_seeds")
+_MERGE_MAY_DIFFER = ("methods", "seeds", "plain_seeds", "settings")
+
+
+def _union_methods(a, b):
+    """Union of two setting-level method selections ("all" | "plain" | list of names)."""
+    if "all" in (a, b):
+        return "all"
+    names = [*([] if a == "plain" else a), *([] if b == "plain" else b)]
+    return list(dict.fromkeys(names)) or "plain"
+
+
+def _same_metrics(a: dict, b: dict, tol: float = 1e-6) -> bool:
+    keys = [k for k in METRICS if a.get(k) is not None or b.get(k) is not None]
+    return all(a.get(k) is not None and b.get(k) is not None and math.isclose(a[k], b[k], rel_tol=tol, abs_tol=tol)
+               for k in keys)
 
 
 def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
     """Merge finished runs of the same preset made by separate processes or machines (e.g. split
     with ``--only`` and ``--set plain_seeds=...`` so that two CPU cores each run half of the grid).
 
-    The configs must agree on everything except ``methods``, ``seeds`` and ``plain_seeds`` (which
-    are united), and the base-model scores must agree; a run id present in two parts is an error.
+    The configs must agree on everything except ``methods``, ``seeds``, ``plain_seeds`` and
+    ``settings`` (united; a setting of the same name must be identical), and the base-model scores
+    must agree. A run id present in two parts (e.g. the plain LoRA run that each part needs for its
+    strength calibration) must have the same scores there, else it is an error.
     """
     payloads = []
     for part in parts:
@@ -963,6 +993,13 @@ def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
         for k in ("tgt_nll", "src_text_nll", "src_mcq_nll", "proxy_text_nll"):
             if not math.isclose(p["base"][k], first["base"][k], rel_tol=1e-4, abs_tol=1e-4):
                 raise ValueError(f"cannot merge: base-model {k} differs ({p['base'][k]} vs {first['base'][k]})")
+    settings: dict = {}
+    for p in payloads:
+        for st in p["config"]["settings"]:
+            have = settings.setdefault(st["name"], dict(st))
+            if {k: v for k, v in have.items() if k != "methods"} != {k: v for k, v in st.items() if k != "methods"}:
+                raise ValueError(f"cannot merge: setting {st['name']!r} differs between parts")
+            have["methods"] = _union_methods(have.get("methods", "all"), st.get("methods", "all"))
     methods, seen = [], set()
     for p in payloads:
         for m in p["config"]["methods"]:
@@ -970,16 +1007,20 @@ def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
             if key not in seen:
                 seen.add(key)
                 methods.append(m)
-    cfg_dict = dict(first["config"], methods=methods,
+    cfg_dict = dict(first["config"], methods=methods, settings=list(settings.values()),
                     seeds=tuple(sorted({s for p in payloads for s in p["config"]["seeds"]})),
                     plain_seeds=tuple(sorted({s for p in payloads for s in p["config"]["plain_seeds"]})))
     cfg = Config(**cfg_dict)
-    runs, ids = [], set()
+    runs, by_id = [], {}
     for p in payloads:
         for r in p["runs"]:
-            if r["id"] in ids:
-                raise ValueError(f"cannot merge: run {r['id']} is in more than one part")
-            ids.add(r["id"])
+            if r["id"] in by_id:
+                # a plain LoRA run repeated by a part that needs its calibration: same seed, same code,
+                # so it must give the same scores (deterministic CPU runs); anything else is a conflict
+                if not _same_metrics(by_id[r["id"]]["metrics"], r["metrics"]):
+                    raise ValueError(f"cannot merge: run {r['id']} is in more than one part with different scores")
+                continue
+            by_id[r["id"]] = r
             runs.append(r)
     notes = list(dict.fromkeys(n for p in payloads for n in p["notes"]))
     notes.append(f"merged from {len(payloads)} parts run in parallel (wall times: "

@@ -113,14 +113,30 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     assert sorted(r["id"] for r in merged["runs"]) == ["qv/s0/L2/rel=2", "qv/s0/LoRA/-", "qv/s1/LoRA/-"]
     assert merged["forgetting_evidence"]["qv"]["n_seeds"] == 2
     assert (tmp_path / "m" / "summary.md").is_file() and (tmp_path / "m" / "pareto_nll.png").is_file()
-    with pytest.raises(ValueError, match="more than one part"):
-        forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
+    # a run repeated by two parts (plain LoRA, needed by each for its calibration) merges once if its
+    # scores agree, and is a conflict if they do not
+    again = forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
+    assert len(again["runs"]) == len(a["runs"])
+    tampered = json.loads((tmp_path / "a" / "results.json").read_text())
+    tampered["runs"][0]["metrics"]["tgt_nll"] += 0.1
+    (tmp_path / "t").mkdir()
+    (tmp_path / "t" / "results.json").write_text(json.dumps(tampered))
+    with pytest.raises(ValueError, match="more than one part with different scores"):
+        forgetting.merge_results([tmp_path / "a", tmp_path / "t"], tmp_path / "m4")
 
     other = forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}], "plain_seeds": [2],
                                                       "lr": 0.5})
     forgetting.run_benchmark(other, tmp_path / "c", "cpu", **quiet)
     with pytest.raises(ValueError, match="configs differ in \\['lr'\\]"):
         forgetting.merge_results([tmp_path / "a", tmp_path / "c"], tmp_path / "m3")
+
+
+def test_setting_level_method_lists():
+    """A setting's ``methods`` may list the families it runs (plus plain LoRA)."""
+    cfg = forgetting.make_config("tiny", overrides={"settings": [
+        {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": ["L2"]}]})
+    runs, _ = forgetting.expand_runs(cfg, None)
+    assert {r["family"] for r in runs} == {"LoRA", "L2"}
 
 
 def test_relative_strength_without_calibration_is_a_clear_error(tmp_path):
