@@ -139,6 +139,7 @@ STRUCTURES = ("diag", "kfac", "kfac_tridiag", "kfac_delta_w")
 def _small_methods() -> list[dict]:
     return [
         {"method": "lora"},
+        {"method": "lora", "lr": 1e-3},   # the learning-rate control for MiLoRA's and CorDA's lr=1e-3 points
         {"method": "l2", "relative_strengths": [0.3, 3.0]},
         {"method": "lalora", "structure": "diag", "relative_strengths": [0.3, 3.0]},
         {"method": "lalora", "structure": "kfac", "relative_strengths": [0.3, 3.0]},
@@ -267,7 +268,7 @@ def family_of(spec: dict) -> str:
     """Curve label of a method family (one curve per family in the plots)."""
     m = spec["method"]
     if m == "lora":
-        return "LoRA"
+        return f"LoRA (lr={spec['lr']:g})" if "lr" in spec else "LoRA"
     if m == "l2":
         return "L2"
     if m == "lalora":
@@ -278,6 +279,13 @@ def family_of(spec: dict) -> str:
     if m == "lalora_on_init":
         return f"LaLoRA-{spec['structure']}@{spec['init']}"
     raise ValueError(f"unknown method {m!r}")
+
+
+def is_plain(run_or_spec: dict) -> bool:
+    """The plain LoRA reference (standard init, the setting's learning rate); a ``{"method": "lora",
+    "lr": ...}`` variant is an ordinary method (a learning-rate control for the baselines' lr grids)."""
+    spec = run_or_spec.get("spec", run_or_spec)
+    return run_or_spec["method"] == "lora" and "lr" not in spec
 
 
 def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[str]]:
@@ -294,13 +302,14 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
         for seed in seeds:
             for spec in cfg.methods:
                 m = spec["method"]
-                if m != "lora" and (setting.get("methods", "all") == "plain" or seed not in cfg.seeds):
+                plain = is_plain(spec)
+                if not plain and (setting.get("methods", "all") == "plain" or seed not in cfg.seeds):
                     continue
-                if m == "lora" and seed not in cfg.plain_seeds:
+                if plain and seed not in cfg.plain_seeds:
                     continue
                 family = family_of(spec)
                 allowed = setting.get("methods", "all")
-                if isinstance(allowed, (list, tuple)) and m != "lora" and not (
+                if isinstance(allowed, (list, tuple)) and not plain and not (
                         family in allowed or spec.get("name") in allowed):
                     continue
                 common = {"setting": setting["name"], "seed": seed, "method": m, "family": family,
@@ -329,7 +338,7 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
                         runs.append({**common, "point": _hp_label(hp), "hp": dict(hp)})
     # plain LoRA first within each (setting, seed)
     order = {(r["setting"], r["seed"]): i for i, r in enumerate(runs)}
-    runs.sort(key=lambda r: (order[(r["setting"], r["seed"])], r["method"] != "lora"))
+    runs.sort(key=lambda r: (order[(r["setting"], r["seed"])], not is_plain(r)))
     for r in runs:
         r["id"] = f"{r['setting']}/s{r['seed']}/{r['family']}/{r['point']}"
     return runs, notes
@@ -723,10 +732,10 @@ class Benchmark:
         # a baseline grid point may set its own learning rate ("lr"): non-zero inits (MiLoRA, CorDA)
         # put large singular directions in A and B, where the zero-init LoRA learning rate can diverge
         method_hp = {k: v for k, v in run.get("hp", {}).items() if k != "lr"}
-        lr = float(run.get("hp", {}).get("lr", lr))
+        lr = float(run.get("hp", {}).get("lr", run["spec"].get("lr", lr)))
         lk = lora_kwargs(cfg, setting)
         seed = run["seed"]
-        generate = cfg.generate == "all" or (cfg.generate == "plain" and run["method"] == "lora")
+        generate = cfg.generate == "all" or (cfg.generate == "plain" and is_plain(run))
         batches = train_batches(cfg, data, tokenizer, seed)
         spec = run["spec"]
         record = {k: v for k, v in run.items() if k != "spec"}
@@ -804,7 +813,7 @@ class Benchmark:
         record.update(info=info, history=history_summary(hist), train_seconds=train_seconds)
         record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
         record["seconds"] = time.perf_counter() - t0
-        if run["method"] == "lora":
+        if is_plain(run):
             plain_state[(run["setting"], seed)] = (model, lora, lora.snapshot(), hist)
             self.calibrate(model, lora, run, data, tokenizer, hist)
         return [record]
@@ -902,7 +911,7 @@ class Benchmark:
 
             bar = tqdm(total=len(self.runs), desc="runs", unit="run")
         for run in self.runs:
-            if run["id"] in self.done and run["method"] != "lora":
+            if run["id"] in self.done and not is_plain(run):
                 self.results.append(self.done[run["id"]])
             else:
                 records = self.run_one(base_model, tokenizer, data, run, plain_state)
@@ -1084,7 +1093,7 @@ def summarize(results: list[dict], base: dict, cfg: Config) -> dict:
 
     evidence = {}
     for setting in cfg.settings:
-        plain = [r for r in results if r["setting"] == setting["name"] and r["method"] == "lora"]
+        plain = [r for r in results if r["setting"] == setting["name"] and is_plain(r)]
         if not plain:
             continue
         ev = {"n_seeds": len(plain), "seeds": [r["seed"] for r in plain]}

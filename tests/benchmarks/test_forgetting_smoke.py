@@ -168,3 +168,14 @@ def test_baseline_grid_point_sets_its_learning_rate(tmp_path):
     by_point = {r["point"]: r for r in payload["runs"]}
     assert by_point["lr=0.5"]["lr"] == 0.5 and by_point["default"]["lr"] == cfg.lr
     assert "lr" not in by_point["lr=0.5"]["info"]
+
+
+def test_plain_lora_learning_rate_control(tmp_path):
+    """``{"method": "lora", "lr": x}`` is its own family (an lr control), not the plain reference."""
+    cfg = forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}, {"method": "lora", "lr": 0.5}]})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    by_family = {r["family"]: r for r in payload["runs"]}
+    assert set(by_family) == {"LoRA", "LoRA (lr=0.5)"}
+    assert by_family["LoRA (lr=0.5)"]["lr"] == 0.5 and by_family["LoRA"]["lr"] == cfg.lr
+    assert payload["forgetting_evidence"]["qv"]["n_seeds"] == 1
+    assert list(payload["calibration"]) == ["qv/s0"]
