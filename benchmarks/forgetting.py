@@ -1184,8 +1184,10 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
                 axes_spec = axes_spec[1:]
             fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.2 * len(axes_spec), 4.6), squeeze=False)
             for ax, (xk, yk, xl, yl) in zip(axes[0], axes_spec):
+                off = [p for p in pts if _off_scale(p, base, (xk, yk))]
                 for family in families:
-                    fam = [p for p in pts if p["family"] == family and p.get(xk) is not None and p.get(yk) is not None]
+                    fam = [p for p in pts if p["family"] == family and p.get(xk) is not None and p.get(yk) is not None
+                           and p not in off]
                     if not fam:
                         continue
                     fam.sort(key=lambda p: (p.get("relative") is None and p["strength"] is None,
@@ -1202,12 +1204,22 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
                     ax.scatter([base[xk]], [base[yk]], marker="*", s=220, color="black", zorder=5, label="base model")
                 ax.set_xlabel(xl)
                 ax.set_ylabel(yl)
+                if off:  # diverged runs would squash every other point into a corner: listed instead
+                    ax.text(0.01, 0.01, "off scale (diverged): " + "; ".join(
+                        f"{p['family']} {p['point']} ({xk} {p[xk]:.2f}, {yk} {p[yk]:.2f})" for p in off),
+                        transform=ax.transAxes, fontsize=6, va="bottom", ha="left", color="0.3")
             axes[0][0].legend(loc="best", ncol=2, fontsize=7)
             fig.suptitle(f"Learning vs forgetting — {setting['name']} LoRA, preset {cfg.preset} "
                          f"(seed means; bars = sd over seeds)", fontsize=10)
             fig.tight_layout()
             figures.append(save_figure(fig, out / f"pareto_{kind}{suffix}.png", footnote=footnote))
     return figures
+
+
+def _off_scale(point: dict, base: dict, keys: tuple, factor: float = 1.5) -> bool:
+    """An NLL more than ``factor`` times the base model's (a diverged run)."""
+    return any("nll" in k and point.get(k) is not None and base.get(k) and point[k] > factor * base[k]
+               for k in keys)
 
 
 def _pm(mean, sd, digits=3) -> str:
