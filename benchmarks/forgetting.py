@@ -1273,7 +1273,7 @@ def render_markdown(payload: dict, summary: dict) -> str:
                             r["src_text_nll"], r["src_mcq_nll"], r["src_mcq_acc"], r["proxy_text_nll"],
                             r["tgt_em"], r["penalty_task_ratio_last"], str(r["seeds"])])
             lines.append(markdown_table(
-                ["method", "setting", "init", "within tol", tgt_name, src_name, "recovered", "src text NLL",
+                ["method", "point", "init", "within tol", tgt_name, src_name, "recovered", "src text NLL",
                  "MCQ NLL", "MCQ acc", "in-proxy text NLL", "target EM", "pen/task (end)", "seeds"], trs))
     lines += ["", "## All grid points (seed means)", ""]
     prow = []
