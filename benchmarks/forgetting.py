@@ -965,6 +965,16 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, notes: 
 _MERGE_MAY_DIFFER = ("methods", "seeds", "plain_seeds", "settings")
 
 
+def _merge_calibrations(parts) -> dict:
+    """Per (setting, seed): the union of the penalties each part calibrated (parts that ran different
+    families calibrate different structures at the same plain LoRA solution)."""
+    merged: dict = {}
+    for calibration in parts:
+        for key, cal in calibration.items():
+            merged.setdefault(key, {}).update(cal)
+    return merged
+
+
 def _union_methods(a, b):
     """Union of two setting-level method selections ("all" | "plain" | list of names)."""
     if "all" in (a, b):
@@ -1042,7 +1052,7 @@ def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
     return write_outputs(out, cfg, final=True, machine=first["machine"], notes=notes, data=first["data"],
                          timing=timing, base=base,
                          curvature={k: v for p in payloads for k, v in p["curvature"].items()},
-                         calibration={k: v for p in payloads for k, v in p["calibration"].items()}, runs=runs,
+                         calibration=_merge_calibrations(p["calibration"] for p in payloads), runs=runs,
                          extra={"merged_from": [str(x) for x in parts],
                                 "part_configs": [p["config"] for p in payloads]})
 
@@ -1090,6 +1100,8 @@ def summarize(results: list[dict], base: dict, cfg: Config) -> dict:
         p["penalty_task_ratio_last"], _ = _mean_sd([(r.get("history") or {}).get("penalty_task_ratio_last")
                                                     for r in rs])
         points.append(p)
+    order = {st["name"]: i for i, st in enumerate(cfg.settings)}
+    points.sort(key=lambda p: order.get(p["setting"], len(order)))  # stable: runs' order within a setting
 
     evidence = {}
     for setting in cfg.settings:
@@ -1155,8 +1167,15 @@ def best_at_matched_target(points: list[dict], plain: dict, base: dict, target: 
 def _family_style(families: list[str]) -> dict:
     from benchmarks.common import COLORS
 
-    markers = "osD^v<>pPX*h"
-    return {f: (COLORS[i % len(COLORS)], markers[i % len(markers)]) for i, f in enumerate(families)}
+    markers = "osD^v<>pPX*hd"
+    if len(families) <= len(COLORS):
+        colors = list(COLORS)
+    else:  # more families than the house palette: tab20 keeps every curve distinguishable
+        import matplotlib
+
+        cmap = matplotlib.colormaps["tab20"]
+        colors = [cmap(i % 20) for i in range(len(families))]
+    return {f: (colors[i % len(colors)], markers[i % len(markers)]) for i, f in enumerate(families)}
 
 
 def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str | None = None) -> list[Path]:
@@ -1255,7 +1274,7 @@ def render_markdown(payload: dict, summary: dict) -> str:
                       "MCQ acc")}
     for setting, tables in payload["tables"].items():
         for key, rows_t in tables.items():
-            if not rows_t:
+            if len(rows_t) < 2:  # e.g. exact match measured for plain LoRA only: nothing to compare
                 continue
             title, src_name = titles[key]
             tgt_name = "target EM" if key == "acc" else "target NLL"
