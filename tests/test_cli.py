@@ -50,7 +50,7 @@ def test_demo_writes_table_plot_and_json(tiny_dir, tmp_path):
                  *DATA, *EVAL, *SMALL]) == 0
     result = json.loads((out / "demo.json").read_text())
     assert list(result["rows"]) == ["base model", "LoRA", f"LaLoRA (kfac, λ={result['lam']:.3g})"]
-    assert result["lam"] > 0 and result["lam_source"].startswith("--lam-relative 1 ")
+    assert result["lam"] > 0 and result["lam_source"].startswith("--lam-relative 3 ")
     assert "target_exact_match" not in result["rows"]["LoRA"]  # the demo skips generation unless --exact-match
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "demo.md").read_text().startswith("| model |")
