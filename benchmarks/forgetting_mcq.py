@@ -88,6 +88,7 @@ def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str =
     """``mcq_scores``' ``accuracy``, ``accuracy_norm``, ``nll_correct``, ``nll_correct_per_token``, ``n``,
     ``predictions`` with one forward per item (all choices in one row)."""
     from lalora_curv.data import _pad_id
+    from lalora_curv.evaluation import mcq_summary
 
     was_training = model.training
     model.eval()
@@ -98,23 +99,7 @@ def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str =
             results.extend(_choice_logliks(model, rows[start:start + batch_size], _pad_id(tokenizer)))
     finally:
         model.train(was_training)
-    correct = correct_norm = 0
-    nll = nll_tok = 0.0
-    predictions = []
-    for item, res in zip(items, results):
-        sums = [s for s, _ in res]
-        norm = [s / k for s, k in res]
-        pred = max(range(len(sums)), key=sums.__getitem__)
-        a = item["answer_index"]
-        correct += pred == a
-        correct_norm += max(range(len(norm)), key=norm.__getitem__) == a
-        nll += -sums[a]
-        nll_tok += -norm[a]
-        predictions.append(pred)
-    n = len(items)
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "nll_correct": nll / n,
-            "nll_correct_per_token": nll_tok / n, "n": n, "predictions": predictions,
-            "logliks": [[s for s, _ in r] for r in results]}
+    return mcq_summary(items, results)
 
 
 def check_against_reference(model, tokenizer, items: Sequence[dict], *, atol: float = 2e-3) -> dict:

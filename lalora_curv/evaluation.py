@@ -181,7 +181,12 @@ def mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str = " ",
     per_item: list[list[tuple[float, int]]] = [[] for _ in items]
     for owner, result in zip(owners, scored):
         per_item[owner].append(result)
+    return mcq_summary(items, per_item)
 
+
+def mcq_summary(items: Sequence[dict], per_item: Sequence[Sequence[tuple[float, int]]]) -> dict:
+    """The scores of :func:`mcq_scores` from ``per_item[i][c] = (summed log-prob, token count)`` of
+    choice ``c`` of item ``i`` (shared by scorers that compute the log-probs differently)."""
     correct = correct_norm = 0
     nll_correct = nll_correct_per_token = 0.0
     predictions, logliks = [], []
@@ -295,5 +300,5 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
 
 __all__ = [
     "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity", "continuation_logliks", "mcq_scores",
-    "extract_answer_number", "numbers_match", "greedy_generate", "reasoning_scores",
+    "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate", "reasoning_scores",
 ]
