@@ -127,6 +127,18 @@ def resolve_device(name: str | None) -> torch.device:
     return device
 
 
+def parse_overrides(items: Iterable[str]) -> dict[str, Any]:
+    """``--set KEY=VALUE`` arguments as a dict; VALUE is parsed as JSON where it is JSON, else kept as text."""
+    out = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
 def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

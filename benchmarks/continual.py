@@ -61,7 +61,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import fmt, machine_info, markdown_table, plot_style, resolve_device, save_figure, write_json
+from benchmarks.common import (fmt, machine_info, markdown_table, parse_overrides, plot_style, resolve_device,
+                               save_figure, write_json)
 from benchmarks.continual_tasks import DEFAULT_TASKS, SEED_STRIDE, task_items
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "continual"
@@ -908,17 +909,6 @@ def run_benchmark(cfg: Config, output_dir: str | Path | None = None, device: str
     return Benchmark(cfg, out, resolve_device(device), progress=progress, log=log).run()
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.continual", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
@@ -936,7 +926,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.render_only:
         rerender(args.output_dir or RESULTS_DIR, args.preset)
         return 0
-    cfg = make_config(args.preset, args.seeds, _parse_overrides(args.set))
+    cfg = make_config(args.preset, args.seeds, parse_overrides(args.set))
     device = resolve_device(args.device)
     if args.threads is not None:
         torch.set_num_threads(args.threads)

