@@ -289,6 +289,17 @@ def is_plain(run_or_spec: dict) -> bool:
     return run_or_spec["method"] == "lora" and "lr" not in spec
 
 
+def setting_allows(setting: dict, spec: dict) -> bool:
+    """Whether ``setting["methods"]`` ("all" | "plain" | a list of family / baseline names) runs the
+    method ``spec``; plain LoRA runs everywhere."""
+    allowed = setting.get("methods", "all")
+    if is_plain(spec) or allowed == "all":
+        return True
+    if allowed == "plain":
+        return False
+    return family_of(spec) in allowed or spec.get("name") in allowed
+
+
 def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[str]]:
     """All runs of ``cfg`` in execution order, and notes on skipped methods.
 
@@ -304,15 +315,11 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
             for spec in cfg.methods:
                 m = spec["method"]
                 plain = is_plain(spec)
-                if not plain and (setting.get("methods", "all") == "plain" or seed not in cfg.seeds):
+                if not plain and (not setting_allows(setting, spec) or seed not in cfg.seeds):
                     continue
                 if plain and seed not in cfg.plain_seeds:
                     continue
                 family = family_of(spec)
-                allowed = setting.get("methods", "all")
-                if isinstance(allowed, (list, tuple)) and not plain and not (
-                        family in allowed or spec.get("name") in allowed):
-                    continue
                 common = {"setting": setting["name"], "seed": seed, "method": m, "family": family,
                           "spec": {k: v for k, v in spec.items() if k not in ("strengths", "relative_strengths",
                                                                               "grid")}}
@@ -858,8 +865,10 @@ class Benchmark:
         out["l2"] = {"q": q, "lam_ratio1": 2 * task / q if q > 0 else None}
         structures = self.cfg.calibrate_structures
         if structures is None:
+            # only what this setting runs: a curvature fit costs up to a minute on CPU
             structures = sorted({s["structure"] for s in self.cfg.methods if s["method"] in ("lalora", "lalora_on_init")
-                                 and "proxy_batches" not in s and "proxy_kind" not in s})
+                                 and "proxy_batches" not in s and "proxy_kind" not in s
+                                 and setting_allows(setting, s)})
         for structure in structures:
             proxy_key, proxy = proxy_for(self.cfg, data, tokenizer, {})
             curv = self.curvature(init_model, run, proxy_key, proxy, structure)

@@ -139,6 +139,14 @@ def test_setting_level_method_lists():
     assert {r["family"] for r in runs} == {"LoRA", "L2"}
 
 
+def test_calibration_fits_only_the_structures_a_setting_runs(tmp_path):
+    cfg = forgetting.make_config("tiny", overrides={"settings": [
+        {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": ["L2"]}]})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    assert set(payload["calibration"]["qv/s0"]) == {"task_loss_last", "l2"}
+    assert not payload["curvature"]
+
+
 def test_relative_strength_without_calibration_is_a_clear_error(tmp_path):
     cfg = forgetting.make_config("tiny", overrides={
         "methods": [{"method": "lora"}, {"method": "l2", "relative_strengths": [1.0]}], "plain_seeds": [1]})
