@@ -220,7 +220,7 @@ def _set_eager(model) -> None:
 
 def load_base(cfg: dict, device: torch.device, model_path: str | None = None):
     """``(model, tokenizer)`` of the preset: the packaged SmolLM2 GGUF (or ``model_path``) or a tiny Llama."""
-    from lalora_curv import models
+    from lalora_curv.experiments import models
 
     if cfg["model"] == "tiny":
         model, tok = models.tiny_llama(seed=cfg["seed"]), models.tiny_tokenizer()
@@ -241,7 +241,7 @@ def make_lora_model(base, cfg: dict, targets, setting: str):
     scaled per layer so that ``||s B A||_F = bnz_rel_norm * ||W||_F``.
     """
     from lalora_curv import LoRAParams
-    from lalora_curv.models import add_lora
+    from lalora_curv.experiments.models import add_lora
 
     model = add_lora(copy.deepcopy(base), r=cfg["r"], alpha=cfg["alpha"], target_modules=targets,
                      init="default" if setting == "b0" else "gaussian", seed=cfg["seed"])
@@ -265,7 +265,7 @@ def make_lora_model(base, cfg: dict, targets, setting: str):
 
 def packed_batches(tok, cfg: dict, split: str, batch_size: int, seq_len: int, num_batches: int, seed: int):
     """``num_batches`` packed (unpadded, fully labelled) LM batches of ``batch_size x seq_len`` tokens."""
-    from lalora_curv.data import lm_batches, source_texts
+    from lalora_curv.experiments.data import lm_batches, source_texts
 
     n = 32
     while True:
@@ -277,7 +277,7 @@ def packed_batches(tok, cfg: dict, split: str, batch_size: int, seq_len: int, nu
 
 
 def target_batches(tok, cfg: dict):
-    from lalora_curv.data import reasoning_items, reasoning_sft_batches
+    from lalora_curv.experiments.data import reasoning_items, reasoning_sft_batches
 
     t = cfg["target"]
     items = reasoning_items(t["task"], "train", n=t["n_items"], seed=cfg["seed"])

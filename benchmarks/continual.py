@@ -201,7 +201,7 @@ class Data:
 
 
 def load_data(cfg: Config, tokenizer) -> Data:
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     tasks = []
     for pos, spec in enumerate(cfg.tasks, start=1):
@@ -235,7 +235,7 @@ def load_data(cfg: Config, tokenizer) -> Data:
 
 def train_batches(cfg: Config, task: dict, tokenizer, seed: int) -> list[dict]:
     """SFT batches of a task's training items in a seed-dependent order (cycled by ``finetune``)."""
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     items = list(task["train"])
     random.Random(1000 * seed + task["seed"]).shuffle(items)
@@ -249,7 +249,7 @@ def train_batches(cfg: Config, task: dict, tokenizer, seed: int) -> list[dict]:
 
 def load_base(cfg: Config, device: torch.device):
     from benchmarks.common import resolve_dtype
-    from lalora_curv.models import load_model, tiny_llama, tiny_tokenizer
+    from lalora_curv.experiments.models import load_model, tiny_llama, tiny_tokenizer
 
     if cfg.model == "tiny":
         return tiny_llama().to(device), tiny_tokenizer()
@@ -259,7 +259,7 @@ def load_base(cfg: Config, device: torch.device):
 def evaluate(model, tokenizer, cfg: Config, data: Data) -> dict:
     """Scores of the current adapter: per task ``<name>:em`` / ``<name>:nll``; source ``src_text_nll``
     (mean of the WordNet and pydoc held-out token NLLs), ``mcq_acc``, ``mcq_nll`` (NLL of the correct word)."""
-    from lalora_curv import evaluation as E
+    from lalora_curv.experiments import evaluation as E
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
@@ -478,7 +478,7 @@ class Benchmark:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
-        from lalora_curv.models import add_lora
+        from lalora_curv.experiments.models import add_lora
         from lalora_curv.params import LoRAParams
 
         cfg = self.cfg

@@ -1,12 +1,12 @@
 """Offline reasoning-gym task items for the continual benchmark (:mod:`benchmarks.continual`).
 
-``lalora_curv.data.reasoning_items`` covers ``gsm_symbolic`` and ``basic_arithmetic`` only; the
+``lalora_curv.experiments.data.reasoning_items`` covers ``gsm_symbolic`` and ``basic_arithmetic`` only; the
 continual sequence needs more tasks, so this helper draws items of any reasoning-gym task whose
 answer is a short number, with the same conventions as ``reasoning_items``:
 
 * item = ``{"prompt", "answer", "target", "task", "index", "template_id"}``; ``target`` is the bare
   answer (what the model is trained to write after the chat prompt);
-* train / eval split by a fixed hash of the question text (``lalora_curv.data.split_of``, about 20 %
+* train / eval split by a fixed hash of the question text (``lalora_curv.experiments.data.split_of``, about 20 %
   eval), so no question is on both sides, whatever the seed;
 * duplicates (same question) are dropped.
 
@@ -35,7 +35,7 @@ DEFAULT_TASKS: tuple[dict, ...] = (
 
 def task_items(task: str, split: str, n: int, seed: int = 0, config: dict | None = None) -> list[dict]:
     """``n`` items of reasoning-gym ``task`` from ``split`` ("train" | "eval"), bare-answer targets."""
-    from lalora_curv.data import split_of
+    from lalora_curv.experiments.data import split_of
 
     if split not in ("train", "eval"):
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")

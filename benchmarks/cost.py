@@ -145,22 +145,22 @@ def build_base_model(spec: dict, cfg: dict, device: torch.device, dtype: torch.d
     from transformers import LlamaConfig, LlamaForCausalLM
 
     if spec["source"] == "gguf":
-        from lalora_curv.models import load_model
+        from lalora_curv.experiments.models import load_model
 
         model, _ = load_model(None, dtype=dtype, device=device)
         return model
     if spec["source"] == "tiny":
-        from lalora_curv.models import tiny_llama
+        from lalora_curv.experiments.models import tiny_llama
 
         tc = dict(cfg["tiny_configs"][spec["key"]])
         return tiny_llama(tc.pop("vocab_size"), tc.pop("hidden_size"), tc.pop("num_layers"), seed=0, dtype=dtype,
                           **tc).to(device)
-    # random weights with a public shape; transformers directly: lalora_curv.models.random_llama has no
+    # random weights with a public shape; transformers directly: lalora_curv.experiments.models.random_llama has no
     # depth argument and the small preset truncates the depth
     if spec["key"] == "smollm2-135m":
         config = LlamaConfig(**SMOLLM2_SHAPE)
     else:
-        from lalora_curv.models import llama_config
+        from lalora_curv.experiments.models import llama_config
 
         config = llama_config(spec["key"])
     if spec.get("layers"):
@@ -173,7 +173,7 @@ def build_base_model(spec: dict, cfg: dict, device: torch.device, dtype: torch.d
 
 
 def add_lora(model, r: int, alpha: float, targets):
-    from lalora_curv.models import add_lora as _add_lora
+    from lalora_curv.experiments.models import add_lora as _add_lora
 
     return _add_lora(model, r=r, alpha=alpha, target_modules=tuple(targets))
 

@@ -12,7 +12,7 @@ The LaLoRA paper's experiment, offline and on CPU-sized data:
   definition -> word MCQ (accuracy and NLL of the correct word), on the *eval* split
   (out-of-proxy); the same on the *proxy* split (in-proxy: the very batches the curvature is fitted
   on, and MCQ items from proxy-split synsets). Proxy and eval data are disjoint by synset / pydoc
-  topic (``lalora_curv.data.split_of``); :func:`check_disjoint` verifies it on the drawn samples.
+  topic (``lalora_curv.experiments.data.split_of``); :func:`check_disjoint` verifies it on the drawn samples.
 * **methods**: plain LoRA; L2 to the init; LaLoRA (``LaplacePenalty``) with diag / kfac /
   kfac_tridiag / kfac_delta_w curvature fitted on 1-2 proxy batches at the LoRA init; the baselines
   of :mod:`benchmarks.baselines` (MIGU, MiLoRA, CorDA-KPM, intruder reduction, OSF) with their
@@ -370,7 +370,7 @@ class Data:
 
 def _proxy_batches(cfg: Config, tokenizer, kind: str, n_batches: int) -> tuple[list[dict], list[str]]:
     """``n_batches`` packed proxy batches of source text, and every text drawn to build them."""
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     need_tokens = n_batches * cfg.proxy_batch_size * cfg.proxy_seq_len
     n_texts = max(16, need_tokens // 20)
@@ -395,7 +395,7 @@ def add_proxy(cfg: Config, data: "Data", tokenizer, key: tuple) -> list[dict]:
 
 def load_data(cfg: Config, tokenizer) -> Data:
     """Draw every sample once (seeded by ``cfg.data_seed``)."""
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     train = D.reasoning_items(cfg.target_task, "train", n=cfg.n_train, seed=cfg.data_seed)
     target_eval = D.reasoning_items(cfg.target_task, "eval", n=cfg.n_target_eval, seed=cfg.data_seed)
@@ -428,7 +428,7 @@ def check_disjoint(cfg: Config, data: Data) -> dict:
       drawn for the proxy batches, and no eval MCQ definition occurs inside one of them.
     Raises ``AssertionError`` on a leak; returns the facts for the JSON.
     """
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     assert all(D.split_of(it["synset"]) == "eval" for it in data.mcq_eval), "eval MCQ synset in the proxy split"
     assert all(D.split_of(it["synset"]) == "proxy" for it in data.mcq_proxy), "proxy MCQ synset in the eval split"
@@ -462,7 +462,7 @@ def train_batches(cfg: Config, data: Data, tokenizer, seed: int) -> list[dict]:
     sorted by token length inside windows of ``8 * batch_size`` items, batched, and the batches
     shuffled again with the seed.
     """
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     rng = random.Random(1000 + seed)
     items = list(data.train_items)
@@ -498,7 +498,7 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
     ``src_text_nll`` = mean of the WordNet and pydoc held-out NLLs (each a token mean), so both
     sources weigh the same; ``proxy_text_nll`` = NLL on the curvature's own proxy batches.
     """
-    from lalora_curv import evaluation as E
+    from lalora_curv.experiments import evaluation as E
 
     t0 = time.perf_counter()
     out: dict[str, Any] = {}
@@ -517,7 +517,7 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
         out[f"{prefix}_acc_norm"] = s["accuracy_norm"]
         out[f"{prefix}_nll"] = s["nll_correct"]
     t1 = time.perf_counter()
-    from lalora_curv import data as D
+    from lalora_curv.experiments import data as D
 
     items = data.target_eval_items
     prompts = [D.format_prompt(tokenizer, it["prompt"]) for it in items]
@@ -583,7 +583,7 @@ def base_scores(model, tokenizer, cfg: Config, data: Data, cache_path: Path | No
 
 def load_base(cfg: Config, device: torch.device):
     from benchmarks.common import resolve_dtype
-    from lalora_curv import models
+    from lalora_curv.experiments import models
 
     dtype = resolve_dtype(cfg.dtype)
     if cfg.model == "tiny":
@@ -731,7 +731,7 @@ class Benchmark:
     def run_one(self, base_model, tokenizer, data: Data, run: dict, plain_state: dict) -> list[dict]:
         """Train and evaluate one run (``intruders``: post-process the plain LoRA run of the seed)."""
         from lalora_curv import L2Penalty, LaplacePenalty, LoRAParams
-        from lalora_curv.models import add_lora
+        from lalora_curv.experiments.models import add_lora
         from lalora_curv.training import finetune
 
         cfg = self.cfg
@@ -853,7 +853,7 @@ class Benchmark:
         task = statistics.fmean(h["task_loss"] for h in hist[-5:])
         out = {"task_loss_last": task}
         # the init: the same seed's add_lora init (B = 0, A from the seed)
-        from lalora_curv.models import add_lora
+        from lalora_curv.experiments.models import add_lora
 
         init_model = add_lora(copy.deepcopy(self._base_for_calib), **lora_kwargs(self.cfg, setting), seed=run["seed"])
         from lalora_curv import LoRAParams

@@ -1,6 +1,6 @@
 """Shared-prompt MCQ scoring for the forgetting benchmark (same numbers as ``mcq_scores``, ~3x cheaper).
 
-``lalora_curv.evaluation.mcq_scores`` runs ``prompt + choice`` once per choice, so the prompt
+``lalora_curv.experiments.evaluation.mcq_scores`` runs ``prompt + choice`` once per choice, so the prompt
 (about 90% of a WordNet MCQ row) is processed ``num_choices`` times. Here one row holds the prompt
 once followed by every choice's tokens; a custom 4-D additive attention mask lets each choice token
 attend to the prompt and to the earlier tokens of its *own* choice only, and the position ids of
@@ -22,7 +22,7 @@ __all__ = ["fast_mcq_scores", "check_against_reference"]
 
 
 def _rows(tokenizer, items: Sequence[dict], separator: str) -> list[tuple[list[int], list[list[int]]]]:
-    from lalora_curv.evaluation import _context_continuation
+    from lalora_curv.experiments.evaluation import _context_continuation
 
     rows = []
     for item in items:
@@ -87,8 +87,8 @@ def _choice_logliks(model, rows, pad_id: int) -> list[list[tuple[float, int]]]:
 def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str = " ", batch_size: int = 16) -> dict:
     """``mcq_scores``' ``accuracy``, ``accuracy_norm``, ``nll_correct``, ``nll_correct_per_token``, ``n``,
     ``predictions`` with one forward per item (all choices in one row)."""
-    from lalora_curv.data import _pad_id
-    from lalora_curv.evaluation import mcq_summary
+    from lalora_curv.experiments.data import _pad_id
+    from lalora_curv.experiments.evaluation import mcq_summary
 
     was_training = model.training
     model.eval()
@@ -103,8 +103,8 @@ def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str =
 
 
 def check_against_reference(model, tokenizer, items: Sequence[dict], *, atol: float = 2e-3) -> dict:
-    """Compare :func:`fast_mcq_scores` with ``lalora_curv.evaluation.mcq_scores`` on ``items``."""
-    from lalora_curv.evaluation import mcq_scores
+    """Compare :func:`fast_mcq_scores` with ``lalora_curv.experiments.evaluation.mcq_scores`` on ``items``."""
+    from lalora_curv.experiments.evaluation import mcq_scores
 
     fast = fast_mcq_scores(model, tokenizer, items)
     ref = mcq_scores(model, tokenizer, items)

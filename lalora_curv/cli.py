@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------------------- helpers
 def _config(args) -> "RunConfig":
-    from .pipeline import RunConfig
+    from .experiments.pipeline import RunConfig
 
     cfg = RunConfig(model=getattr(args, "model", None), device=args.device, dtype=getattr(args, "dtype", "float32"),
                     seed=args.seed, target_task=args.task)
@@ -163,7 +163,7 @@ def _write_json(path: Path, payload: dict) -> None:
 
 
 def _print_table(rows: dict[str, dict[str, float]]) -> str:
-    from .pipeline import METRICS
+    from .experiments.pipeline import METRICS
 
     keys = [k for k in METRICS if any(k in r for r in rows.values())]
     header = "| model | " + " | ".join(METRICS[k][0] + (" ↑" if METRICS[k][1] else " ↓") for k in keys) + " |"
@@ -183,7 +183,7 @@ def _print_table(rows: dict[str, dict[str, float]]) -> str:
 def cmd_fit(args) -> int:
     import lalora_curv as lc
 
-    from .pipeline import Stopwatch, attach_lora, load_base_model, proxy_batches
+    from .experiments.pipeline import Stopwatch, attach_lora, load_base_model, proxy_batches
 
     cfg = _config(args)
     model, tok = load_base_model(cfg)
@@ -208,7 +208,7 @@ def cmd_fit(args) -> int:
 def cmd_finetune(args) -> int:
     import lalora_curv as lc
 
-    from .pipeline import attach_lora, build_penalty, load_base_model, save_adapter, train_batches
+    from .experiments.pipeline import attach_lora, build_penalty, load_base_model, save_adapter, train_batches
     from .training import finetune
 
     cfg = _config(args)
@@ -236,7 +236,7 @@ def cmd_finetune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .pipeline import evaluate, load_adapter, load_base_model, make_data
+    from .experiments.pipeline import evaluate, load_adapter, load_base_model, make_data
 
     cfg = _config(args)
     model, tok = load_base_model(cfg)
@@ -288,7 +288,7 @@ def relative_strength(penalty, task_loss: float, relative: float) -> float:
 def cmd_demo(args) -> int:
     import lalora_curv as lc
 
-    from .pipeline import Stopwatch, attach_lora, build_penalty, evaluate, load_base_model, make_data
+    from .experiments.pipeline import Stopwatch, attach_lora, build_penalty, evaluate, load_base_model, make_data
     from .training import finetune
 
     clock = Stopwatch()

@@ -18,7 +18,7 @@ EVAL = ["--n-mcq", "4", "--n-target-eval", "2", "--n-source-eval", "4", "--max-n
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from lalora_curv.models import tiny_llama, tiny_tokenizer
+    from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-model")
     tiny_llama(max_position_embeddings=1024).save_pretrained(path)

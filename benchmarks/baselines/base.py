@@ -90,7 +90,7 @@ def _check_lora_kwargs(lora_kwargs: dict) -> dict:
         raise TypeError(f"unknown lora_kwargs {sorted(unknown)}; known: {sorted(_LORA_KEYS)}")
     if "r" not in lora_kwargs:
         raise TypeError("lora_kwargs needs 'r'")
-    out = dict(alpha=16, target_modules=("q_proj", "v_proj"), dropout=0.0)  # lalora_curv.models.add_lora defaults
+    out = dict(alpha=16, target_modules=("q_proj", "v_proj"), dropout=0.0)  # lalora_curv.experiments.models.add_lora defaults
     out.update(lora_kwargs)
     return out
 

@@ -11,7 +11,7 @@ import torch
 from benchmarks.baselines import BASELINES, Baseline, Prepared, lalora_on_init
 from benchmarks.baselines.migu import MIGUHooks
 from lalora_curv import LoRAParams
-from lalora_curv.models import tiny_llama, tiny_tokenizer
+from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
 
 LORA = dict(r=2, alpha=4, target_modules=("q_proj", "v_proj"), dropout=0.0)
 TEXTS = [

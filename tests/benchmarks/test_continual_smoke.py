@@ -74,7 +74,7 @@ def test_method_order_and_metrics():
         continual.make_config("small", overrides={"methods": ["nope"]})
     with pytest.raises(NotImplementedError):  # why filter_kfac_tridiag runs with identity dynamics
         from lalora_curv.continual import TaskSequence
-        from lalora_curv.models import add_lora, tiny_llama
+        from lalora_curv.experiments.models import add_lora, tiny_llama
 
         TaskSequence(add_lora(tiny_llama(), r=2), "kfac_tridiag", dynamics="noise", process_noise=0.1)
 

@@ -159,8 +159,8 @@ def evaluate(model, tokenizer, data: Data, cfg: RunConfig, *, progress: bool = T
 def build_penalty(kind: str, model, *, curvature=None, strength: float = 0.0, prior_precision: float = 0.0,
                   anchor=None):
     """``kind``: "none" | "l2" | "lalora" (needs ``curvature``). The anchor defaults to the current adapter."""
-    from .params import LoRAParams
-    from .penalties import L2Penalty, LaplacePenalty
+    from ..params import LoRAParams
+    from ..penalties import L2Penalty, LaplacePenalty
 
     if kind == "none":
         return None

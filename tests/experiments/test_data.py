@@ -8,8 +8,8 @@ import warnings
 import pytest
 import torch
 
-from lalora_curv import data as D
-from lalora_curv.models import tiny_tokenizer
+from lalora_curv.experiments import data as D
+from lalora_curv.experiments.models import tiny_tokenizer
 
 KILL_LINE = ('00217593 04 n 01 kill 1 002 @ 00217014 n 0000 + 00355365 v 0101 | the destruction of an enemy plane '
              'or ship or tank or missile; "the pilot reported two kills during the mission"  \n')

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from lalora_curv import data as D
-from lalora_curv import evaluation as E
-from lalora_curv.models import add_lora, tiny_llama, tiny_tokenizer
+from lalora_curv.experiments import data as D
+from lalora_curv.experiments import evaluation as E
+from lalora_curv.experiments.models import add_lora, tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """Scores for any Hugging Face causal LM (plain or peft-wrapped): NLL/perplexity, MCQ, reasoning.
 
-Conventions (same as the batchers in :mod:`lalora_curv.data` and as HF's own loss):
+Conventions (same as the batchers in :mod:`lalora_curv.experiments.data` and as HF's own loss):
 
 * A prediction term is a position ``t`` whose next label ``labels[t + 1]`` is not ``-100``;
   logits at ``t`` are scored against ``labels[t + 1]``.
@@ -276,8 +276,8 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
                      chat: bool | str = "auto", seq_len: int = 1024, progress: bool = False) -> dict:
     """Exact match of greedy answers and teacher-forced NLL of the reference targets.
 
-    ``items`` as from :func:`lalora_curv.data.reasoning_items` (``prompt``, ``answer``, ``target``),
-    formatted with :func:`~lalora_curv.data.format_prompt` / ``format_target`` (``chat``).
+    ``items`` as from :func:`lalora_curv.experiments.data.reasoning_items` (``prompt``, ``answer``, ``target``),
+    formatted with :func:`~lalora_curv.experiments.data.format_prompt` / ``format_target`` (``chat``).
 
     Returns:
         ``exact_match``: fraction of items whose generated answer (:func:`extract_answer_number`)

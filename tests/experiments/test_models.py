@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from lalora_curv import models as M
+from lalora_curv.experiments import models as M
 
 
 def test_tiny_tokenizer_round_trip_and_specials():
@@ -101,8 +101,8 @@ def test_load_model_errors_are_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_real_smollm2_knows_paris_and_has_sane_perplexity():
-    from lalora_curv import data as D
-    from lalora_curv import evaluation as E
+    from lalora_curv.experiments import data as D
+    from lalora_curv.experiments import evaluation as E
 
     model, tok = M.load_model()
     assert model.config.model_type == "llama" and tok.chat_template
