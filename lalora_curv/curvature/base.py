@@ -45,6 +45,10 @@ class CurvatureOperator:
     """
 
     structure: ClassVar[str] = "base"
+    #: the space the operator acts on (SEMANTICS §4-5): "theta" (the flat LoRA vector) or "delta_w"
+    #: (the flat Delta-W of the adapted layers). Sums and scalings inherit it; every decision that
+    #: depends on the space reads this attribute, never a structure name.
+    space: str = "theta"
     #: registry of structure name -> class, filled by ``__init_subclass__`` (used by load)
     registry: ClassVar[dict[str, type["CurvatureOperator"]]] = {}
 
@@ -186,8 +190,10 @@ class CurvatureOperator:
     def _check_compatible(self, other: "CurvatureOperator") -> None:
         if not isinstance(other, CurvatureOperator):
             raise TypeError(f"cannot add a curvature and a {type(other).__name__}")
-        if (self.structure == "kfac_delta_w") != (other.structure == "kfac_delta_w"):
-            raise ValueError("cannot add a Delta-W space curvature (kfac_delta_w) to a theta-space curvature")
+        if other.space != self.space:
+            raise ValueError(f"cannot add curvatures over different spaces: {self.space!r} ({self.structure}) and "
+                             f"{other.space!r} ({other.structure}); a Delta-W curvature (kfac_delta_w) and a theta "
+                             "curvature never add, even when their dimensions match")
         if other.num_params != self.num_params:
             raise ValueError(
                 f"cannot add curvatures over different spaces: {self.num_params} vs {other.num_params} parameters"

@@ -22,3 +22,4 @@ class KFACDeltaWCurvature(KFACCurvature):
     """Block-diagonal K-FAC over Delta-W; one block per adapted layer (see module docstring)."""
 
     structure = "kfac_delta_w"
+    space = "delta_w"

@@ -23,7 +23,11 @@ class SumCurvature(CurvatureOperator):
             flat.extend(t.terms if isinstance(t, SumCurvature) else [t])
         if not flat:
             raise ValueError("SumCurvature needs at least one term")
+        spaces = {t.space for t in flat}
+        if len(spaces) > 1:
+            raise ValueError(f"cannot sum curvatures over different spaces: {sorted(spaces)}")
         self.terms = flat
+        self.space = flat[0].space
         if not common:
             merged = flat[0]._common()
             for t in flat[1:]:
