@@ -12,6 +12,7 @@ from .curvature import (
     BACKENDS,
     STRUCTURES,
     CurvatureFileError,
+    CurvatureFitter,
     CurvatureMismatchError,
     CurvatureOperator,
     DenseTooLargeError,
@@ -38,7 +39,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'lalora_curv' has no attribute {name!r}")
 
 __all__ = [
-    "LoRAParams", "LoRALayer", "LoRADiscoveryError", "fit_curvature", "load_curvature", "CurvatureOperator",
+    "LoRAParams", "LoRALayer", "LoRADiscoveryError", "fit_curvature", "CurvatureFitter", "load_curvature", "CurvatureOperator",
     "LaplacePenalty", "L2Penalty", "STRUCTURES", "KINDS", "BACKENDS", "CurvatureFileError",
     "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "TaskSequence", "finetune",
     "PenalizedTrainer", "PenaltyLoop", "__version__",

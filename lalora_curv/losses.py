@@ -17,7 +17,7 @@ Every kind is written as ``P = (1/M) sum_m sum_k J_m^T r_mk r_mk^T J_m`` with *b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -133,37 +133,42 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
 
 
 def backward_vectors(logits: Tensor, targets: Tensor, kind: str, *, mc_samples: int = 1,
-                     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
-    """Backward vectors ``R: Tensor[K, M, C]`` with ``P = (1/M) sum_{m,k} J_m^T r_mk r_mk^T J_m``.
+                     generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Iterator[Tensor]:
+    """Backward vectors ``r_k: Tensor[M, C]``, one at a time, with
+    ``P = (1/M) sum_{m,k} J_m^T r_mk r_mk^T J_m``.
 
     ``logits: Tensor[M, C]`` (detached inside), ``targets: Tensor[M]``. Computed in ``dtype``
-    (fp32 by default, also for bf16 models).
+    (fp32 by default, also for bf16 models). Yields 1 vector for ``empirical``, ``mc_samples``
+    for ``mc`` and ``C`` for ``ggn``: produced class by class, never as one ``(C, M, C)`` tensor.
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
     z = logits.detach().to(dtype)
     p = torch.softmax(z, dim=-1)
     M, C = p.shape
+    rows = torch.arange(M, device=p.device)
     if kind == "empirical":
         r = p.clone()
-        r[torch.arange(M, device=p.device), targets] -= 1.0
-        return r[None]
+        r[rows, targets] -= 1.0
+        yield r
+        return
     if kind == "mc":
         if mc_samples < 1:
             raise ValueError(f"mc_samples must be >= 1, got {mc_samples}")
-        out = p.new_empty(mc_samples, M, C)
-        for s in range(mc_samples):
+        for _ in range(mc_samples):
             sampled = torch.multinomial(p, 1, generator=generator).squeeze(-1) if M else targets
             r = p.clone()
-            r[torch.arange(M, device=p.device), sampled] -= 1.0
-            out[s] = r / mc_samples**0.5
-        return out
-    if kind == "ggn":
-        if C > 4096:
-            raise ValueError(
-                f"kind='ggn' needs one backward per class and the output space has {C} classes; "
-                "use kind='mc' (unbiased) for large vocabularies"
-            )
-        # r_c = sqrt(p_c) (e_c - p): R[c, m, :] = sqrt(p[m, c]) * (e_c - p[m])
-        sqrt_p = p.sqrt()  # (M, C)
-        eye = torch.eye(C, dtype=dtype, device=p.device)
-        return sqrt_p.T[:, :, None] * (eye[:, None, :] - p[None, :, :])
-    raise ValueError(f"unknown kind {kind!r}; choose one of {KINDS}")
+            r[rows, sampled] -= 1.0
+            yield r / mc_samples**0.5
+        return
+    if C > 4096:
+        raise ValueError(
+            f"kind='ggn' needs one backward per class and the output space has {C} classes; "
+            "use kind='mc' (unbiased) for large vocabularies"
+        )
+    # r_c = sqrt(p_c) (e_c - p), the columns of a square root of diag(p) - p p^T
+    sqrt_p = p.sqrt()
+    for c in range(C):
+        r = -p * sqrt_p[:, c : c + 1]
+        r[:, c] += sqrt_p[:, c]
+        yield r

@@ -85,3 +85,13 @@ def tiny_lm():
 @pytest.fixture
 def classifier():
     return make_classifier()
+
+
+def options_for(structure: str, kind: str = "empirical", **options) -> dict:
+    """The subset of ``options`` that ``fit_curvature(structure=..., kind=...)`` takes (it refuses
+    the others by name): for tests that loop over structures with one set of options."""
+    from lalora_curv.curvature.fit import COMMON_OPTIONS
+    from lalora_curv.curvature.registry import structure_class
+
+    allowed = COMMON_OPTIONS | structure_class(structure).fit_options
+    return {k: v for k, v in options.items() if k in allowed and not (k == "mc_samples" and kind != "mc")}

@@ -11,7 +11,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import lalora_curv as lc
-from tests.conftest import make_lm_batch, make_tiny_lm
+from tests.conftest import make_lm_batch, make_tiny_lm, options_for
 
 STRUCTURES = ("kfac", "kfac_tridiag", "diag", "diag_lowrank")
 
@@ -35,7 +35,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         shard = _batches()[rank::world]
         results = {}
         for s in STRUCTURES:
-            op = lc.fit_curvature(model, shard, structure=s, rank=3, factor_dtype=torch.float64, progress=False)
+            op = lc.fit_curvature(model, shard, structure=s, **options_for(s, rank=3), factor_dtype=torch.float64, progress=False)
             results[s] = op.to_dense()
         # one DDP step with the penalty
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -64,7 +64,7 @@ def test_distributed_curvature_and_ddp_step_equal_single_process(tmp_path):
     got = torch.load(tmp_path / "dist.pt")
     model = make_tiny_lm()
     for s in STRUCTURES:
-        single = lc.fit_curvature(model, _batches(), structure=s, rank=3, factor_dtype=torch.float64,
+        single = lc.fit_curvature(model, _batches(), structure=s, **options_for(s, rank=3), factor_dtype=torch.float64,
                                   progress=False).to_dense()
         assert float((got[s] - single).norm() / single.norm()) < 1e-6, s
     # single process: mean of the two ranks' task losses + the penalty (DDP averages gradients)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lalora_curv as lc
-from tests.conftest import make_lm_batch, make_tiny_lm
+from tests.conftest import make_lm_batch, make_tiny_lm, options_for
 from tests.reference import rel_err
 
 ALL = ["dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac_delta_w"]
@@ -17,7 +17,8 @@ def setup():
     model = make_tiny_lm()
     lora = lc.LoRAParams.from_model(model)
     batches = [make_lm_batch(seed=61), make_lm_batch(seed=62)]
-    ops = {s: lc.fit_curvature(model, batches, structure=s, rank=4, factor_dtype=torch.float64, progress=False)
+    ops = {s: lc.fit_curvature(model, batches, structure=s, **options_for(s, rank=4), factor_dtype=torch.float64,
+                                  progress=False)
            for s in ALL}
     return model, lora, ops
 

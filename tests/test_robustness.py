@@ -54,7 +54,7 @@ def test_unknown_options_and_choices_are_named():
         lc.fit_curvature(model, [make_lm_batch()], structure="kfack")
     with pytest.raises(ValueError, match="unknown kind"):
         lc.fit_curvature(model, [make_lm_batch()], kind="fisher")
-    with pytest.raises(TypeError, match="unknown fit_curvature options: \\['rnak'\\]"):
+    with pytest.raises(TypeError, match="does not take \\['rnak'\\]: 'rnak' is not an option"):
         lc.fit_curvature(model, [make_lm_batch()], structure="lowrank", rnak=3)
 
 
@@ -105,3 +105,47 @@ def test_ddp_wrapped_model_has_the_bare_model_registry():
 
     model = make_tiny_lm()
     assert lc.LoRAParams.from_model(DataParallel(model)).names == lc.LoRAParams.from_model(model).names
+
+
+def test_options_a_structure_or_backend_does_not_use_are_refused():
+    """Defect 7: options are honoured or refused by name, never silently ignored."""
+    model = make_tiny_lm()
+    batches = [make_lm_batch()]
+    with pytest.raises(TypeError, match="'terms' applies to dense, diag, lowrank, diag_lowrank"):
+        lc.fit_curvature(model, batches, structure="kfac", terms="token", progress=False)
+    with pytest.raises(TypeError, match="'rank' applies to lowrank, diag_lowrank"):
+        lc.fit_curvature(model, batches, structure="diag", rank=4, progress=False)
+    with pytest.raises(TypeError, match="mc_samples applies to kind='mc' only"):
+        lc.fit_curvature(model, batches, structure="diag", kind="empirical", mc_samples=3, progress=False)
+    with pytest.raises(ValueError, match="curvlinops' gives token-level curvature only"):
+        lc.fit_curvature(model, batches, structure="diag", backend="curvlinops", terms="sequence", progress=False)
+    with pytest.raises(ValueError, match="cannot provide \\['cross'\\]"):
+        lc.fit_curvature(model, [make_lm_batch(lengths=(6, 6, 6))], structure="kfac_tridiag", backend="curvlinops",
+                         progress=False)
+
+
+def test_rank_beyond_the_attainable_rank_is_reported():
+    """Defect 7: lowrank keeps at most the numerical rank of the data and says so in info."""
+    model = make_tiny_lm()
+    batch = make_lm_batch()  # 3 sequences: per-sequence empirical rows have rank <= 3
+    with pytest.warns(UserWarning, match="rank=50 requested but the fitted curvature has numerical rank 3"):
+        low = lc.fit_curvature(model, [batch], structure="lowrank", rank=50, progress=False)
+    assert low.info["rank_requested"] == 50 and low.info["rank"] == 3 == low.rank
+
+
+def test_lowrank_fit_draws_nothing_from_the_global_generator():
+    """Defect 10: no random basis completion (the old code drew from torch's global generator)."""
+    model = make_tiny_lm()
+    batch = make_lm_batch()
+    torch.manual_seed(123)
+    before = torch.random.get_rng_state()
+    lc.fit_curvature(model, [batch], structure="diag_lowrank", rank=8, progress=False)
+    assert torch.equal(before, torch.random.get_rng_state())
+
+
+def test_curvlinops_backend_refuses_bf16_by_name():
+    """Defect 8: curvlinops computes in the model's dtype; we refuse instead of accumulating in bf16."""
+    model = make_tiny_lm(dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="backend='curvlinops' computes in the model's dtype \\(torch.bfloat16\\)"):
+        lc.fit_curvature(model, [make_lm_batch(lengths=(6, 6, 6))], structure="kfac", backend="curvlinops",
+                         progress=False)

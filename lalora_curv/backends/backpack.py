@@ -14,16 +14,29 @@ prefer ``backend="hooks"`` inside training runs; this backend is for cross-check
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
-__all__ = ["BackpackPerSampleGradients"]
+from ..curvature.statistics import GradientRows
+from ..losses import backward_vectors, forward_terms
+
+__all__ = ["BackpackBackend"]
 
 
-class BackpackPerSampleGradients:
-    """Context manager: extends the LoRA modules with BackPACK; restores the caller's ``.grad``."""
+class BackpackBackend:
+    """Per-sequence gradient rows from BackPACK's ``BatchGrad`` (gradient structures only).
 
-    def __init__(self, lora):
-        self.lora = lora
+    Extends the LoRA modules on entry; restores the caller's ``.grad`` of the LoRA parameters
+    on exit (see the module docstring for what stays behind)."""
+
+    name = "backpack"
+    provides = frozenset()
+
+    def __init__(self, lora, statistics: str, *, kind: str, mc_samples: int, generator, dtype: torch.dtype):
+        if statistics != "gradients":
+            raise ValueError(
+                "backend='backpack' cannot build K-FAC structures on peft models: BackPACK's second-order "
+                "extensions need a graph of supported modules and peft's LoRA forward is plain tensor ops "
+                "(SEMANTICS §7); use backend='hooks' or 'curvlinops'")
+        self.lora, self.kind, self.mc_samples, self.generator, self.dtype = lora, kind, mc_samples, generator, dtype
 
     def __enter__(self):
         from backpack import extend
@@ -40,18 +53,25 @@ class BackpackPerSampleGradients:
             if hasattr(p, "grad_batch"):
                 del p.grad_batch  # the attribute BackPACK's BatchGrad documents as its output
 
-    def gradients(self, terms, R: Tensor, dtype) -> Tensor:
-        """Per-sequence gradient vectors ``Tensor[K * N, numel]`` for backward vectors ``R[K, M, C]``."""
+    def batch(self, model, batch) -> GradientRows | None:
         from backpack import backpack
         from backpack.extensions import BatchGrad
 
-        K = R.shape[0]
+        terms = forward_terms(model, batch)
+        if terms.num_terms == 0:
+            return None
+        if terms.position_mask is not None and self.kind == "ggn":
+            raise ValueError("kind='ggn' with per-sequence gradients would mix positions of a sequence (biased); "
+                             "use backend='hooks' with terms='token', or kind='mc'")
+        vectors = list(backward_vectors(terms.logits, terms.targets, self.kind, mc_samples=self.mc_samples,
+                                        generator=self.generator, dtype=self.dtype))
         out = []
-        for k in range(K):
+        for k, r in enumerate(vectors):
+            last = k == len(vectors) - 1
             for p in self.lora.params:
                 p.grad = None
-            with backpack(BatchGrad(), retain_graph=k < K - 1):
-                (terms.logits * R[k].to(terms.logits.dtype)).sum().backward(retain_graph=k < K - 1)
-            out.append(torch.cat([p.grad_batch.reshape(p.grad_batch.shape[0], -1).to(dtype) for p in self.lora.params],
-                                 1))
-        return torch.cat(out)
+            with backpack(BatchGrad(), retain_graph=not last):
+                (terms.logits * r.to(terms.logits.dtype)).sum().backward(retain_graph=not last)
+            out.append(torch.cat([p.grad_batch.reshape(p.grad_batch.shape[0], -1).to(self.dtype)
+                                  for p in self.lora.params], 1))
+        return GradientRows(torch.cat(out), terms.num_terms)

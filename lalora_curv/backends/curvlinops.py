@@ -1,11 +1,10 @@
 """Adapters over curvlinops' public operators (curvlinops-for-pytorch 3.x).
 
-* ``kfac``: ``KFACLinearOperator`` restricted to the LoRA parameters (its public ``state_dict``
-  gives the Kronecker factors, which we hand to our own operator).
+* ``kfac`` / ``kfac_delta_w``: ``KFACLinearOperator`` restricted to the LoRA parameters (its
+  public ``state_dict`` gives the Kronecker factors, which our accumulators turn into operators).
 * ``dense`` / ``diag`` / ``lowrank`` / ``diag_lowrank``: from the exact token-level GGN
   (``GGNLinearOperator``), Monte-Carlo Fisher (``FisherMCLinearOperator``) or empirical Fisher
-  (``EFLinearOperator``) matvecs: dense by multiplying the identity in column blocks, lowrank by
-  Lanczos (``scipy.sparse.linalg.eigsh``) on matvecs.
+  (``EFLinearOperator``) matvecs: the mean matrix by multiplying the identity in column blocks.
 
 curvlinops cannot mask labels (SEMANTICS §6): it counts ``-100`` and padding as terms. This
 backend therefore only accepts unpadded, fully labelled batches of equal shape, and says so.
@@ -18,8 +17,10 @@ import torch
 from torch import Tensor, nn
 
 from ..curvature.base import DEFAULT_MAX_DENSE, DenseTooLargeError
+from ..curvature.statistics import GradientMoment, KroneckerMeans
 
-__all__ = ["fit", "CausalLMLogits", "as_curvlinops_data", "curvlinops_matvec_operator", "curvlinops_kfac_factors"]
+__all__ = ["CurvlinopsBackend", "CausalLMLogits", "as_curvlinops_data", "curvlinops_matvec_operator",
+           "curvlinops_kfac_factors"]
 
 _FISHER_TYPE = {"ggn": "type-2", "mc": "mc", "empirical": "empirical"}
 
@@ -111,51 +112,63 @@ def curvlinops_kfac_factors(model, lora, batches, kind, *, mc_samples=1, seed=0,
     return out
 
 
-def fit(model, lora, batches, structure, kind, *, mc_samples, seed, rank, dtype, common, progress, share_inputs):
-    """Build one of our operators from curvlinops' statistics/matvecs (see module docstring)."""
-    from ..curvature.dense import DenseCurvature
-    from ..curvature.diag import DiagCurvature
-    from ..curvature.diag_lowrank import DiagLowRankCurvature
-    from ..curvature.kfac import KFACCurvature
-    from ..curvature.lowrank import LowRankCurvature
+class CurvlinopsBackend:
+    """Statistics from curvlinops for one structure's accumulator; needs every batch at once.
 
-    common["info"]["terms"] = "token"
-    if structure == "kfac":
-        factors = curvlinops_kfac_factors(model, lora, batches, kind, mc_samples=mc_samples, seed=seed,
-                                          progress=progress)
-        pairs = [(G.to(dtype), A.to(dtype), name) for (G, A), name in zip(factors, lora.names)]
-        common["info"]["terms"] = "expand"
-        return KFACCurvature.from_factor_pairs(pairs, share_inputs=share_inputs, **common)
-    if structure not in ("dense", "diag", "lowrank", "diag_lowrank"):
-        raise ValueError(f"backend='curvlinops' does not build {structure!r} (no cross-factor or base-layer "
-                         "statistics in its public API); use backend='hooks'")
-    op = curvlinops_matvec_operator(model, lora, batches, kind, mc_samples=mc_samples, seed=seed, progress=progress)
-    p = lora.numel
-    if structure == "lowrank":
-        import numpy as np
-        from scipy.sparse.linalg import eigsh
+    :meth:`batch` only collects; :meth:`finish` hands over, for the K-FAC family, curvlinops'
+    K-FAC factors (:class:`KroneckerMeans`; no A-B cross factors: ``kfac_tridiag`` is refused),
+    and for the gradient structures the exact token-level mean matrix ``G`` built from matvecs
+    (:class:`GradientMoment`; ``num_params <= max_dense``). Terms are always tokens: curvlinops
+    has no per-sequence reduction. Computation runs in the model's dtype: bf16 models are refused
+    (their statistics would be accumulated in bf16; use backend="hooks", which accumulates in fp32).
+    """
 
-        k = min(rank, p - 1)
-        evals, evecs = eigsh(op.to_scipy(dtype=np.float64), k=k, which="LA")
-        order = np.argsort(evals)[::-1]
-        U = torch.as_tensor(evecs[:, order].copy(), dtype=dtype, device=lora.device)
-        C = torch.diag(torch.as_tensor(evals[order].clip(min=0).copy(), dtype=dtype, device=lora.device))
-        return LowRankCurvature(U, C, **common)
-    if p > DEFAULT_MAX_DENSE:
-        raise DenseTooLargeError(f"backend='curvlinops' builds {structure!r} from {p} matvecs: too many "
-                                 "parameters; use backend='hooks'")
-    cols = []
-    for start in range(0, p, 256):
-        E = torch.zeros(p, min(256, p - start), dtype=lora.params[0].dtype, device=lora.device)
-        E[torch.arange(start, start + E.shape[1]), torch.arange(E.shape[1])] = 1
-        cols.append((op @ E).to(dtype))
-    G = torch.cat(cols, 1)
-    G = 0.5 * (G + G.T)
-    if structure == "dense":
-        return DenseCurvature(G, **common)
-    if structure == "diag":
-        return DiagCurvature(G.diagonal().clone(), **common)
-    evals, U = torch.linalg.eigh(G)
-    evals, U = evals.flip(0)[:rank].clamp_min(0), U.flip(1)[:, :rank]
-    D = (G.diagonal() - (U * U) @ evals).clamp_min(0)
-    return DiagLowRankCurvature(D, U, torch.diag(evals), **common)
+    name = "curvlinops"
+    provides = frozenset()
+
+    def __init__(self, lora, statistics: str, *, kind: str, mc_samples: int, seed: int, dtype: torch.dtype,
+                 max_dense: int = DEFAULT_MAX_DENSE):
+        low_precision = sorted({str(p.dtype) for p in lora.params if p.dtype in (torch.bfloat16, torch.float16)})
+        if low_precision:
+            raise ValueError(f"backend='curvlinops' computes in the model's dtype ({', '.join(low_precision)}), so its "
+                             "statistics would be accumulated in low precision; use backend='hooks' (fp32 statistics "
+                             "for bf16 models) or cast the model to float32")
+        if statistics == "gradients" and lora.numel > max_dense:
+            raise DenseTooLargeError(f"backend='curvlinops' builds the {lora.numel} x {lora.numel} matrix from "
+                                     f"matvecs: more than max_dense={max_dense} parameters; use backend='hooks'")
+        self.lora, self.statistics, self.kind = lora, statistics, kind
+        self.mc_samples, self.seed, self.dtype = mc_samples, seed, dtype
+        self.batches: list = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
+
+    def batch(self, model, batch):
+        self.batches.append(batch)
+        return None
+
+    def finish(self, model) -> list:
+        if not self.batches:
+            return []
+        model_func, data, _, _ = as_curvlinops_data(model, self.batches)
+        num_terms = sum(int(y.numel()) for _, y in data)
+        lora, dtype = self.lora, self.dtype
+        if self.statistics == "kronecker":
+            factors = curvlinops_kfac_factors(model, lora, self.batches, self.kind, mc_samples=self.mc_samples,
+                                              seed=self.seed)
+            per_layer = [(factors[2 * i][0].to(dtype), factors[2 * i][1].to(dtype), factors[2 * i + 1][0].to(dtype),
+                          factors[2 * i + 1][1].to(dtype)) for i in range(len(lora.layers))]
+            return [KroneckerMeans(per_layer, num_terms)]
+        op = curvlinops_matvec_operator(model, lora, self.batches, self.kind, mc_samples=self.mc_samples,
+                                        seed=self.seed)
+        p = lora.numel
+        cols = []
+        for start in range(0, p, 256):
+            E = torch.zeros(p, min(256, p - start), dtype=lora.params[0].dtype, device=lora.device)
+            E[torch.arange(start, start + E.shape[1]), torch.arange(E.shape[1])] = 1
+            cols.append((op @ E).to(dtype))
+        G = torch.cat(cols, 1)
+        return [GradientMoment(0.5 * (G + G.T), num_terms)]

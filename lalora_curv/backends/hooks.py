@@ -1,51 +1,56 @@
 """Our own statistics backend: forward/backward hooks on every LoRA ``lora_A``/``lora_B`` module.
 
 Per batch: ONE forward, then one backward per backward vector (1 for ``empirical``, ``S`` for
-``mc``, ``C`` for ``ggn``), each covering all terms of the batch at once. From the hooked layer
-inputs ``a`` and output gradients ``g`` we build
+``mc``, ``C`` for ``ggn``, produced one at a time), each covering all terms of the batch. From
+the hooked layer inputs ``a`` and output gradients ``g`` it hands over
 
-* the K-FAC family's statistics (sums of ``u u^T`` and ``v v^T`` with ``u = [g_A; g_B]`` and
-  ``v = [a_A; a_B]`` over attended positions: "expand" K-FAC), and/or
-* per-sequence gradients ``sum_t g_t a_t^T`` of every LoRA matrix (exact; SEMANTICS §1).
-
-Exact per-*token* gradients cannot come out of one backward (attention mixes positions):
-:func:`per_term_gradients` does one backward per term (the ``terms="token"`` reference path).
+* :class:`~lalora_curv.curvature.statistics.KroneckerBatch`: per layer and module call, ``a`` and
+  ``g`` at the attended positions (the K-FAC family's "expand" statistics), or
+* :class:`~lalora_curv.curvature.statistics.GradientRows`: per-sequence gradients
+  ``sum_t g_t a_t^T`` of every LoRA matrix (exact from one backward; SEMANTICS §1), or per-term
+  gradients for ``terms="token"`` (one backward per term, batched with ``is_grads_batched``).
 
 Gradient checkpointing re-runs forwards inside backward, so forward hooks can fire more than
-once per batch: each hook call makes its own record, and a record only contributes once its own
-output gradient arrived (a recomputed forward's record pairs its inputs with its own gradients,
-a first pass whose output never receives a gradient is dropped). Input statistics are averaged
-per record, so a forward recorded twice is not double counted.
+once per batch, and a LoRA module may also be called several times in one forward. Each hook call
+makes its own record; each gradient that reaches a record is tagged with the backward vector that
+produced it. A record contributes only its own gradients: a recomputed forward pairs its inputs
+with its own gradients, a first pass whose output never receives a gradient is dropped, and the
+per-sequence gradient of backward vector ``k`` is the sum over every record that received a
+gradient in backward ``k`` (several calls in one forward add up, exactly as autograd would).
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from ..losses import Terms
+from ..curvature.statistics import GradientRows, KroneckerBatch, KroneckerCall
+from ..losses import Terms, backward_vectors, forward_terms
 
-__all__ = ["LoRAHookRecorder", "KroneckerStats", "per_sequence_gradients", "per_term_gradients"]
+__all__ = ["LoRAHookRecorder", "HooksBackend", "per_term_rows"]
 
 
 @dataclass
 class _Record:
     a: Tensor
-    grads: list = field(default_factory=list)
+    grads: dict[int, Tensor] = field(default_factory=dict)  # backward index -> output gradient
 
 
 class LoRAHookRecorder:
     """Context manager recording inputs and output gradients of each layer's ``lora_A``/``lora_B``.
 
-    After a forward and the backward(s) of one batch, :meth:`layer_records` pairs the A and B
-    records of each layer; call :meth:`clear` before the next batch.
+    :attr:`backward_index` tags the gradients that arrive; the caller advances it between
+    backward passes. Call :meth:`clear` before each batch.
     """
 
     def __init__(self, lora):
         self.lora = lora
         self._handles = []
+        self.backward_index = 0
         self.records: list[dict[str, list[_Record]]] = [{"A": [], "B": []} for _ in lora.layers]
 
     def __enter__(self):
@@ -67,145 +72,214 @@ class LoRAHookRecorder:
                 return  # e.g. the no-grad first pass of reentrant checkpointing
             record = _Record(a=inputs[0].detach())
             store.append(record)
-            output.register_hook(lambda g: record.grads.append(g.detach()))
+
+            def on_grad(g, record=record):
+                k = self.backward_index
+                record.grads[k] = g.detach() if k not in record.grads else record.grads[k] + g.detach()
+
+            output.register_hook(on_grad)
 
         return hook
 
     def clear(self):
+        self.backward_index = 0
         for rec in self.records:
             rec["A"].clear()
             rec["B"].clear()
 
-    def layer_records(self, layer_index: int) -> list[tuple[_Record, _Record]]:
-        """Pairs (A-record, B-record) of one layer that received gradients."""
+    def drop_backward(self, k: int) -> None:
+        """Forget the gradients of backward ``k`` (a failed attempt that is repeated)."""
+        for rec in self.records:
+            for r in rec["A"] + rec["B"]:
+                r.grads.pop(k, None)
+
+    def layer_calls(self, layer_index: int) -> list[tuple[_Record, _Record]]:
+        """Pairs (A-record, B-record) of one layer's calls that received gradients."""
         rec = self.records[layer_index]
-        pairs = [(ra, rb) for ra, rb in zip(rec["A"], rec["B"]) if ra.grads and rb.grads]
+        if len(rec["A"]) != len(rec["B"]):
+            raise RuntimeError(f"{self.lora.layers[layer_index].name}: lora_A ran {len(rec['A'])} times but lora_B "
+                               f"{len(rec['B'])} times in one forward; cannot pair their statistics")
+        pairs = [(ra, rb) for ra, rb in zip(rec["A"], rec["B"]) if ra.grads or rb.grads]
         for ra, rb in pairs:
-            if len(ra.grads) != len(rb.grads):
-                raise RuntimeError(f"{self.lora.layers[layer_index].name}: lora_A and lora_B received a different "
-                                   "number of gradients (a hook ordering problem)")
+            if ra.grads.keys() != rb.grads.keys():
+                raise RuntimeError(f"{self.lora.layers[layer_index].name}: lora_A and lora_B received gradients from "
+                                   "different backward passes (a hook ordering problem)")
         return pairs
 
 
-def _rows(x: Tensor, mask: Tensor | None, dtype: torch.dtype) -> Tensor:
-    """Flatten ``(N, [T,] d)`` to the rows of the attended positions, ``(P, d)``, in ``dtype``."""
+def _rows(x: Tensor, mask: Tensor | None) -> Tensor:
+    """Flatten ``(N, [T,] d)`` to the rows of the attended positions, ``(P, d)``."""
     if mask is not None and x.ndim == 3 and x.shape[:2] == mask.shape:
-        x = x[mask]
-    else:
-        x = x.reshape(-1, x.shape[-1])
-    return x.to(dtype)
+        return x[mask]
+    return x.reshape(-1, x.shape[-1])
 
 
-def _add_stacked(target: Tensor, top_left: Tensor, first: Tensor, second: Tensor, cross: bool) -> None:
-    """``target += [first, second]^T [first, second]`` given ``top_left = first^T first``.
+class HooksBackend:
+    """Statistics for one structure's accumulator from hooks on the LoRA modules.
 
-    Cross blocks are skipped when ``cross`` is False (plain K-FAC never reads them)."""
-    n = first.shape[1]
-    target[:n, :n] += top_left
-    target[n:, n:].addmm_(second.T, second)
-    if cross:
-        block = first.T @ second
-        target[:n, n:] += block
-        target[n:, :n] += block.T
-
-
-class KroneckerStats:
-    """Running sums for the K-FAC family, per layer (stacked A/B statistics, SEMANTICS §3).
-
-    ``U_sum[l]``: sum over positions and backward vectors of ``u u^T``, ``u = [g_A; g_B]``
-    (``r + d_out``). ``V_sum[l]``: sum over recorded positions of ``v v^T``, ``v = [a_A; a_B]``
-    (``d_in + r``), with ``V_count[l]`` positions. Factors: ``U = U_sum / num_terms`` (mean over
-    terms), ``V = V_sum / V_count`` (mean over attended positions; a forward replayed by
-    gradient checkpointing adds to both sums alike, so the mean is unchanged).
+    Args:
+        lora: the registry. statistics: "kronecker" or "gradients". kind, mc_samples, generator,
+        dtype: as in ``fit_curvature``. terms: "sequence" or "token" (gradient statistics of
+        causal LMs only).
     """
 
-    def __init__(self, lora, dtype: torch.dtype, device, need_cross: bool = True):
-        self.dtype = dtype
-        self.need_cross = need_cross
-        self.U_sum, self.V_sum, self.V_count = [], [], []
-        for layer in lora.layers:
-            r, d_in, d_out = layer.rank, layer.d_in, layer.d_out
-            self.U_sum.append(torch.zeros(r + d_out, r + d_out, dtype=dtype, device=device))
-            self.V_sum.append(torch.zeros(d_in + r, d_in + r, dtype=dtype, device=device))
-            self.V_count.append(0)
+    name = "hooks"
+    provides = frozenset({"cross"})
 
-    def add_batch(self, recorder: LoRAHookRecorder, position_mask: Tensor | None):
-        # Modules that read the same activation (q_proj, k_proj, v_proj after one norm) get the same
-        # input tensor: its covariance x^T x, the largest product here, is computed once per batch.
-        shared_inputs: dict[tuple, Tensor] = {}
-        for i in range(len(self.U_sum)):
-            for ra, rb in recorder.layer_records(i):
-                xa, xb = _rows(ra.a, position_mask, self.dtype), _rows(rb.a, position_mask, self.dtype)
-                key = (ra.a.data_ptr(), tuple(ra.a.shape), ra.a.dtype)
-                if key not in shared_inputs:
-                    shared_inputs[key] = xa.T @ xa
-                _add_stacked(self.V_sum[i], shared_inputs[key], xa, xb, self.need_cross)
-                # one record may be replayed by gradient checkpointing: count its positions once
-                self.V_count[i] += xa.shape[0]
-                for gA, gB in zip(ra.grads, rb.grads):
-                    ga, gb = _rows(gA, position_mask, self.dtype), _rows(gB, position_mask, self.dtype)
-                    _add_stacked(self.U_sum[i], ga.T @ ga, ga, gb, self.need_cross)
+    def __init__(self, lora, statistics: str, *, kind: str, terms: str, mc_samples: int,
+                 generator: torch.Generator, dtype: torch.dtype):
+        self.lora, self.statistics, self.kind, self.terms = lora, statistics, kind, terms
+        self.mc_samples, self.generator, self.dtype = mc_samples, generator, dtype
+        self._recorder = LoRAHookRecorder(lora)
+        self._use_backward = False  # set once reentrant checkpointing refuses torch.autograd.grad
 
-    def factors(self, num_terms: int) -> tuple[list[Tensor], list[Tensor]]:
-        """``(U list, V list)``: gradient factors (mean over terms), input factors (mean over positions)."""
-        if num_terms == 0:
-            raise ValueError("no prediction terms in the batches (every label is -100?)")
-        U = [(u / num_terms) for u in self.U_sum]
-        V = []
-        for v, c in zip(self.V_sum, self.V_count):
-            if c == 0:
-                raise ValueError("a LoRA layer never received a gradient: is it used in the forward pass?")
-            V.append(v / c)
-        return U, V
+    def __enter__(self):
+        self._recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._recorder.__exit__(*exc)
+
+    def _vectors(self, terms: Terms):
+        return backward_vectors(terms.logits, terms.targets, self.kind, mc_samples=self.mc_samples,
+                                generator=self.generator, dtype=self.dtype)
+
+    def batch(self, model, batch):
+        """The statistics of one batch, or None when it has no terms."""
+        # per-token rows of causal LMs (for classifiers a term is a sample: the sequence path is exact)
+        token_rows = self.statistics == "gradients" and self.terms == "token" and isinstance(batch, Mapping)
+        self._recorder.clear()
+        with _paused(self._recorder) if token_rows else contextlib.nullcontext():
+            terms = forward_terms(model, batch)
+        if terms.num_terms == 0:
+            return None
+        if token_rows:
+            rows = torch.cat([per_term_rows(terms.logits, r, self.lora, self.dtype) for r in self._vectors(terms)])
+            return GradientRows(rows, terms.num_terms)
+        if self.statistics == "gradients" and terms.position_mask is not None and self.kind == "ggn":
+            raise ValueError("kind='ggn' with terms='sequence' would mix positions of a sequence (biased); use "
+                             "terms='token' (exact) or kind='mc' (unbiased per-sequence estimate)")
+        with _preserved_grads(model):
+            num_vectors = self._backward_all(model, terms)
+        if self.statistics == "kronecker":
+            return self._kronecker(terms)
+        return GradientRows(self._sequence_rows(terms, num_vectors), terms.num_terms)
+
+    def _backward_all(self, model, terms: Terms) -> int:
+        k = 0
+        for k, r in enumerate(self._vectors(terms)):
+            self._recorder.backward_index = k
+            r = r.to(terms.logits.dtype)
+            if not self._use_backward:
+                grads = torch.autograd.grad(terms.logits, self.lora.params, r, retain_graph=True, allow_unused=True)
+                if all(g is not None for g in grads):
+                    continue
+                # Some LoRA parameters are out of reach of autograd.grad: reentrant checkpointing
+                # hides them inside a node that only .backward() runs (and recomputes). Redo it so.
+                self._use_backward = True
+                self._recorder.drop_backward(k)
+            torch.autograd.backward(terms.logits, r, retain_graph=True)
+        return k + 1
+
+    def _kronecker(self, terms: Terms) -> KroneckerBatch:
+        mask = terms.position_mask
+        calls = []
+        for i in range(len(self.lora.layers)):
+            layer_calls = []
+            for ra, rb in self._recorder.layer_calls(i):
+                keys = sorted(ra.grads)
+                layer_calls.append(KroneckerCall(
+                    inputs_A=_rows(ra.a, mask), inputs_B=_rows(rb.a, mask),
+                    grads_A=[_rows(ra.grads[k], mask) for k in keys], grads_B=[_rows(rb.grads[k], mask) for k in keys],
+                    input_key=(ra.a.data_ptr(), tuple(ra.a.shape), ra.a.dtype)))
+            calls.append(layer_calls)
+        return KroneckerBatch(calls, terms.num_terms)
+
+    def _sequence_rows(self, terms: Terms, num_vectors: int) -> Tensor:
+        """Per-sequence gradients ``Tensor[K * N, numel]`` (row ``k * N + b``), canonical order."""
+        N, mask = terms.num_sequences, terms.position_mask
+        blocks = []
+        for i, layer in enumerate(self.lora.layers):
+            gradA = torch.zeros(num_vectors, N, *layer.A.shape, dtype=self.dtype, device=layer.A.device)
+            gradB = torch.zeros(num_vectors, N, *layer.B.shape, dtype=self.dtype, device=layer.B.device)
+            calls = self._recorder.layer_calls(i)
+            if not calls:
+                raise ValueError(f"LoRA layer {layer.name} received no gradient: is it used in the forward pass?")
+            for ra, rb in calls:
+                xa, xb = ra.a.to(self.dtype), rb.a.to(self.dtype)
+                if mask is not None and xa.ndim == 3:
+                    m = mask.to(self.dtype)[..., None]
+                    xa, xb = xa * m, xb * m
+                eq = "bto,bti->boi" if xa.ndim == 3 else "bo,bi->boi"
+                for k in ra.grads:  # several calls (and replays) in backward k add up
+                    gradA[k] += torch.einsum(eq, ra.grads[k].to(self.dtype), xa)
+                    gradB[k] += torch.einsum(eq, rb.grads[k].to(self.dtype), xb)
+            blocks += [gradA.reshape(num_vectors * N, -1), gradB.reshape(num_vectors * N, -1)]
+        return torch.cat(blocks, dim=1)
 
 
-def per_sequence_gradients(recorder: LoRAHookRecorder, lora, num_sequences: int, position_mask: Tensor | None,
-                           dtype: torch.dtype) -> Tensor:
-    """Per-sequence gradients of every LoRA matrix, ``Tensor[K, N, numel]`` in canonical order.
+@contextlib.contextmanager
+def _paused(recorder: LoRAHookRecorder):
+    """Run without recording (the token path needs no activation records: it would keep one
+    gradient record per term alive)."""
+    recorder.__exit__(None, None, None)
+    try:
+        yield
+    finally:
+        recorder.__enter__()
 
-    ``K`` = backward vectors per forward. Sequence ``b``'s gradient of a LoRA matrix ``W`` is
-    ``sum_t g_bt a_bt^T`` (exact, one backward); summed over the records of one layer.
+
+@contextlib.contextmanager
+def _preserved_grads(model):
+    """``.backward()`` (needed under reentrant checkpointing) writes ``.grad``: keep the caller's."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    saved = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        yield
+    finally:
+        for p, g in zip(params, saved):
+            p.grad = g
+
+
+#: bytes of one chunk of batched per-term backward vectors (``chunk x M x C`` floats)
+_TOKEN_CHUNK_BYTES = 64 * 2**20
+
+
+def per_term_rows(logits: Tensor, R: Tensor, lora, dtype: torch.dtype) -> Tensor:
+    """Exact per-term gradients ``J_m^T r_m``: ``Tensor[M, numel]`` for ``R: Tensor[M, C]``.
+
+    One backward per term, batched with ``is_grads_batched`` in chunks of at most
+    ``_TOKEN_CHUNK_BYTES``; falls back to a loop where a model's backward cannot be vmapped.
+    Cost grows with the number of terms ``M``: the reference path.
     """
-    blocks = []
-    for i, layer in enumerate(lora.layers):
-        partsA, partsB = [], []
-        # one record per forward call; a forward replayed by reentrant checkpointing makes one record
-        # per backward, so records are concatenated along K (each LoRA module runs once per forward)
-        for ra, rb in recorder.layer_records(i):
-            xa, xb = ra.a.to(dtype), rb.a.to(dtype)
-            gA = torch.stack([g.to(dtype) for g in ra.grads])
-            gB = torch.stack([g.to(dtype) for g in rb.grads])
-            if position_mask is not None and xa.ndim == 3:
-                m = position_mask.to(dtype)[..., None]
-                xa, xb = xa * m, xb * m
-            eq = "kbto,bti->kboi" if xa.ndim == 3 else "kbo,bi->kboi"
-            partsA.append(torch.einsum(eq, gA, xa))
-            partsB.append(torch.einsum(eq, gB, xb))
-        if not partsA:
-            raise ValueError(f"LoRA layer {layer.name} received no gradient: is it used in the forward pass?")
-        gradA, gradB = torch.cat(partsA), torch.cat(partsB)
-        K = gradA.shape[0]
-        blocks.append(gradA.reshape(K, num_sequences, -1))
-        blocks.append(gradB.reshape(K, num_sequences, -1))
-    return torch.cat(blocks, dim=2)
-
-
-def per_term_gradients(terms: Terms, R: Tensor, lora, dtype: torch.dtype) -> Tensor:
-    """Exact per-term gradient vectors ``J_m^T r_mk``: ``Tensor[K * M, numel]`` (one backward each).
-
-    ``R: Tensor[K, M, C]`` backward vectors. Cost grows with ``K * M``: the reference path.
-    """
-    K, M, _ = R.shape
-    out = torch.empty(K * M, lora.numel, dtype=dtype, device=R.device)
+    M, C = R.shape
     params = lora.params
-    logits = terms.logits
-    row = 0
-    for k in range(K):
-        for m in range(M):
-            grads = torch.autograd.grad(logits[m], params, grad_outputs=R[k, m].to(logits.dtype), retain_graph=True,
-                                        allow_unused=True)
-            out[row] = torch.cat([
-                (g if g is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for g, p in zip(grads, params)
-            ])
-            row += 1
+    out = torch.empty(M, lora.numel, dtype=dtype, device=R.device)
+    chunk = max(1, min(M, _TOKEN_CHUNK_BYTES // max(1, M * C * logits.element_size())))
+    R = R.to(logits.dtype)
+    start = 0
+    batched = True
+    while start < M:
+        stop = min(M, start + chunk)
+        idx = torch.arange(start, stop, device=R.device)
+        if batched:
+            E = torch.zeros(stop - start, M, C, dtype=R.dtype, device=R.device)
+            E[torch.arange(stop - start), idx] = R[idx]
+            try:
+                grads = torch.autograd.grad(logits, params, E, retain_graph=True, allow_unused=True,
+                                            is_grads_batched=True)
+            except RuntimeError:  # an op without a batching rule: one backward per term
+                batched = False
+                continue
+            out[start:stop] = torch.cat([(g if g is not None else torch.zeros(stop - start, *p.shape, dtype=p.dtype,
+                                                                              device=p.device)).reshape(stop - start, -1)
+                                         for g, p in zip(grads, params)], 1).to(dtype)
+        else:
+            for m in range(start, stop):
+                grads = torch.autograd.grad(logits[m], params, R[m], retain_graph=True, allow_unused=True)
+                out[m] = torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1) for g, p in
+                                    zip(grads, params)]).to(dtype)
+        start = stop
     return out

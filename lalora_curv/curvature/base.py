@@ -49,8 +49,11 @@ class CurvatureOperator:
     #: (the flat Delta-W of the adapted layers). Sums and scalings inherit it; every decision that
     #: depends on the space reads this attribute, never a structure name.
     space: str = "theta"
-    #: registry of structure name -> class, filled by ``__init_subclass__`` (used by load)
+    #: name -> class of every operator class defined (filled by ``__init_subclass__``; used to
+    #: load files and sums). Which structures exist is listed once, in ``curvature/registry.py``.
     registry: ClassVar[dict[str, type["CurvatureOperator"]]] = {}
+    #: the ``fit_curvature`` options a structure reads besides the common ones (see ``accumulator``)
+    fit_options: ClassVar[frozenset] = frozenset()
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -64,6 +67,20 @@ class CurvatureOperator:
         self.signature = signature or {}
         self.info = dict(info or {})
         self.damping = float(damping)
+
+    # ------------------------------------------------------------------ fitting
+    @classmethod
+    def accumulator(cls, lora, *, dtype: torch.dtype, **options):
+        """The structure's :class:`~lalora_curv.curvature.statistics.Accumulator` for ``lora``.
+
+        ``options`` are the structure's own ``fit_options``. Structures that are only built from
+        other operators (sums, the eigenbasis K-FAC of filtering) cannot be fitted."""
+        raise TypeError(f"structure {cls.structure!r} cannot be fitted with fit_curvature; it is built from "
+                        "fitted curvatures")
+
+    @classmethod
+    def fittable(cls) -> bool:
+        return "accumulator" in {k for c in cls.__mro__[:-1] if c is not CurvatureOperator for k in vars(c)}
 
     # ------------------------------------------------------------------ to implement
     def _matmat(self, X: Tensor) -> Tensor:

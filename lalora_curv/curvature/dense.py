@@ -6,14 +6,21 @@ import torch
 from torch import Tensor
 
 from .base import DEFAULT_MAX_DENSE, CurvatureOperator, DenseTooLargeError
+from .statistics import GradientSums
 
-__all__ = ["DenseCurvature"]
+__all__ = ["DenseCurvature", "DenseAccumulator"]
 
 
 class DenseCurvature(CurvatureOperator):
     """``P`` stored as a symmetric ``Tensor[num_params, num_params]``."""
 
     structure = "dense"
+    fit_options = frozenset({"terms", "max_dense"})
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype, max_dense: int = DEFAULT_MAX_DENSE) -> "DenseAccumulator":
+        cls.check_size(lora.numel, int(max_dense))
+        return DenseAccumulator(lora.numel, dtype, lora.device, keep_outer=True)
 
     def __init__(self, matrix: Tensor, **common):
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
@@ -66,3 +73,12 @@ def _merged_common(a: CurvatureOperator, b: CurvatureOperator) -> dict:
     kind = a.kind if a.kind == b.kind else "sum"
     info = {"sum_of": [a.info, b.info]}
     return dict(kind=kind, signature=a.signature or b.signature, info=info, damping=max(a.damping, b.damping))
+
+
+class DenseAccumulator(GradientSums):
+    """``P = (1/M) sum_rows rows rows^T``, symmetrized."""
+
+    def finalize(self, common: dict) -> DenseCurvature:
+        M = self.outer * self.scale()
+        common["info"]["num_terms"] = self.num_terms
+        return DenseCurvature(0.5 * (M + M.T), **common)

@@ -6,14 +6,20 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .dense import _merged_common
+from .statistics import GradientSums
 
-__all__ = ["DiagCurvature"]
+__all__ = ["DiagCurvature", "DiagAccumulator"]
 
 
 class DiagCurvature(CurvatureOperator):
     """``P = diag(d)`` with ``d: Tensor[num_params]`` (>= 0)."""
 
     structure = "diag"
+    fit_options = frozenset({"terms"})
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype) -> "DiagAccumulator":
+        return DiagAccumulator(lora.numel, dtype, lora.device)
 
     def __init__(self, diag: Tensor, **common):
         if diag.ndim != 1:
@@ -63,3 +69,12 @@ class DiagCurvature(CurvatureOperator):
 
     def _add_same_reflected(self, other):
         return self._add_same(other)
+
+
+class DiagAccumulator(GradientSums):
+    """``diag(P) = (1/M) sum_rows rows^2``."""
+
+    def finalize(self, common: dict) -> DiagCurvature:
+        scale = self.scale()
+        common["info"]["num_terms"] = self.num_terms
+        return DiagCurvature(self.sq_sum * scale, **common)

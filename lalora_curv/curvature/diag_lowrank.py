@@ -14,15 +14,20 @@ from torch import Tensor
 from .base import CurvatureOperator
 from .dense import _merged_common
 from .diag import DiagCurvature
-from .lowrank import LowRankCurvature
+from .lowrank import LowRankAccumulator, LowRankCurvature, _check_rank
 
-__all__ = ["DiagLowRankCurvature"]
+__all__ = ["DiagLowRankCurvature", "DiagLowRankAccumulator"]
 
 
 class DiagLowRankCurvature(CurvatureOperator):
     """``P = diag(D) + U C U^T``; ``D: Tensor[p]``, ``U: Tensor[p, k]``, ``C: Tensor[k, k]``."""
 
     structure = "diag_lowrank"
+    fit_options = frozenset({"terms", "rank"})
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype, rank: int = 16) -> "DiagLowRankAccumulator":
+        return DiagLowRankAccumulator(lora.numel, dtype, lora.device, keep_rows=True, rank=_check_rank(rank))
 
     def __init__(self, D: Tensor, U: Tensor, C: Tensor, **common):
         if D.ndim != 1 or U.shape[0] != D.shape[0] or C.shape != (U.shape[1], U.shape[1]):
@@ -94,3 +99,12 @@ class DiagLowRankCurvature(CurvatureOperator):
         kept = low.truncated(rank)
         dropped_diag = low.diagonal() - kept.diagonal()
         return DiagLowRankCurvature(self.D + dropped_diag.clamp_min(0), kept.U, kept.C, **self._common())
+
+
+class DiagLowRankAccumulator(LowRankAccumulator):
+    """``U, C`` = top eigenpairs of ``G``; ``D = diag(G - U C U^T)`` (>= 0: the residual is PSD)."""
+
+    def finalize(self, common: dict) -> DiagLowRankCurvature:
+        evals, U = self.eigenpairs(common)
+        D = (self.sq_sum * self.scale() - (U * U) @ evals).clamp_min(0)
+        return DiagLowRankCurvature(D, U, torch.diag(evals), **common)

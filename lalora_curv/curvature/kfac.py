@@ -13,7 +13,9 @@ For a LoRA layer with ``A: (r, d_in)`` and ``B: (d_out, r)``:
 the penalty's ``prior_precision`` or the operator's ``damping``.
 
 Input factors that are bit-identical across blocks (e.g. ``q_proj`` and ``v_proj`` read the same
-hidden state) are stored once.
+hidden state) are stored once. Blocks that are exactly zero (the A-blocks at ``B = 0``) store no
+factors at all (``grad = inp = -1`` in their description): the ``d_in x d_in`` input factor of
+``lora_A``, the largest one, is then neither computed nor kept.
 """
 
 from __future__ import annotations
@@ -25,12 +27,14 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .kronecker import kron_diag, kron_matmat, kron_solve, sym_eigh
+from .statistics import KroneckerSums
 
-__all__ = ["KFACCurvature", "KroneckerBlock"]
+__all__ = ["KFACCurvature", "KroneckerBlock", "KFACAccumulator"]
 
 
 class KroneckerBlock(dict):
-    """JSON-able description of one block: indices of its factors and its shape."""
+    """JSON-able description of one block: indices of its factors (``-1``: an exactly zero block
+    with no factors) and its shape."""
 
     def __init__(self, grad: int, inp: int, d_out: int, d_in: int, name: str = ""):
         super().__init__(grad=grad, inp=inp, d_out=d_out, d_in=d_in, name=name)
@@ -47,6 +51,12 @@ class KFACCurvature(CurvatureOperator):
     """
 
     structure = "kfac"
+    #: fit_curvature options this structure reads (besides the common ones)
+    fit_options = frozenset({"share_inputs"})
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> "KFACAccumulator":
+        return KFACAccumulator(lora, dtype, share_inputs=share_inputs)
 
     def __init__(self, grad_factors: Sequence[Tensor], input_factors: Sequence[Tensor],
                  blocks: Sequence[dict], **common):
@@ -54,6 +64,10 @@ class KFACCurvature(CurvatureOperator):
         self.input_factors = list(input_factors)
         self.blocks = [KroneckerBlock(**b) for b in blocks]
         for b in self.blocks:
+            if (b["grad"] < 0) != (b["inp"] < 0):
+                raise ValueError(f"block {b['name']!r}: a zero block has neither factor (grad = inp = -1)")
+            if b["grad"] < 0:
+                continue
             G, A = self.grad_factors[b["grad"]], self.input_factors[b["inp"]]
             if G.shape != (b["d_out"], b["d_out"]) or A.shape != (b["d_in"], b["d_in"]):
                 raise ValueError(
@@ -66,11 +80,15 @@ class KFACCurvature(CurvatureOperator):
         self._eig_cache: dict | None = None
 
     @classmethod
-    def from_factor_pairs(cls, pairs: Sequence[tuple[Tensor, Tensor, str]], *, share_inputs: bool = True,
-                          **common) -> "KFACCurvature":
-        """Build from ``(G, A, name)`` per block in flat order, storing identical input factors once."""
+    def from_factor_pairs(cls, pairs: Sequence[tuple], *, share_inputs: bool = True, **common) -> "KFACCurvature":
+        """Build from ``(G, A, name)`` per block in flat order, storing identical input factors once.
+
+        A zero block is given as ``(None, None, name, d_out, d_in)``."""
         grads, inputs, blocks = [], [], []
-        for G, A, name in pairs:
+        for G, A, name, *shape in pairs:
+            if G is None:
+                blocks.append(KroneckerBlock(-1, -1, *shape, name))
+                continue
             idx = None
             if share_inputs:
                 for j, existing in enumerate(inputs):
@@ -92,8 +110,10 @@ class KFACCurvature(CurvatureOperator):
             offset += n
 
     def _matmat(self, X: Tensor) -> Tensor:
-        out = torch.empty_like(X)
+        out = torch.zeros_like(X)
         for b, lo, hi in self._iter_blocks():
+            if b["grad"] < 0:
+                continue
             out[lo:hi] = kron_matmat(self.grad_factors[b["grad"]], self.input_factors[b["inp"]], X[lo:hi])
         return out
 
@@ -103,6 +123,8 @@ class KFACCurvature(CurvatureOperator):
         # one split, not per-block slices: each slice's backward would zero-fill a full-length gradient
         parts = delta.split([b["d_out"] * b["d_in"] for b in self.blocks])
         for b, part in zip(self.blocks, parts):
+            if b["grad"] < 0:
+                continue
             D = part.view(b["d_out"], b["d_in"])
             G, A = self.grad_factors[b["grad"]], self.input_factors[b["inp"]]
             total = total + ((G @ D) * (D @ A)).sum()  # tr(D^T G D A) for symmetric A
@@ -110,7 +132,8 @@ class KFACCurvature(CurvatureOperator):
 
     def diagonal(self) -> Tensor:
         return torch.cat([
-            kron_diag(self.grad_factors[b["grad"]], self.input_factors[b["inp"]]) for b in self.blocks
+            kron_diag(self.grad_factors[b["grad"]], self.input_factors[b["inp"]]) if b["grad"] >= 0
+            else torch.zeros(b["d_out"] * b["d_in"], dtype=self.dtype, device=self.device) for b in self.blocks
         ])
 
     def _eigs(self):
@@ -128,6 +151,11 @@ class KFACCurvature(CurvatureOperator):
         eigs = self._eigs()
         out = torch.empty_like(X)
         for b, lo, hi in self._iter_blocks():
+            if b["grad"] < 0:
+                if damping <= 0:
+                    raise ZeroDivisionError(f"K-FAC block {b['name']!r} is zero: pass damping > 0 to solve")
+                out[lo:hi] = X[lo:hi] / damping
+                continue
             out[lo:hi] = kron_solve(eigs["grad"][b["grad"]], eigs["inp"][b["inp"]], X[lo:hi], damping)
         return out[:, 0] if v.ndim == 1 else out
 
@@ -150,3 +178,24 @@ class KFACCurvature(CurvatureOperator):
         # scale the gradient factors only: input factors stay shared
         return type(self)([alpha * G for G in self.grad_factors], self.input_factors, self.blocks,
                           **self._common())
+
+
+class KFACAccumulator(KroneckerSums):
+    """K-FAC from the stacked sums: the diagonal (A-A and B-B) blocks of each layer, one block per
+    LoRA matrix; A-blocks of layers with ``B = 0`` are stored as zero blocks (no factors)."""
+
+    def __init__(self, lora, dtype, *, share_inputs: bool = True):
+        super().__init__(lora, dtype, cross=False, skip_zero_A=True)
+        self.names = [(layer.A_name, layer.B_name) for layer in lora.layers]
+        self.share_inputs = share_inputs
+
+    def finalize(self, common: dict) -> KFACCurvature:
+        pairs = []
+        for (r, d_in, d_out, zero, U, V), (a_name, b_name) in zip(self.nonzero_blocks(), self.names):
+            if zero:
+                pairs += [(None, None, a_name, r, d_in), (U, V, b_name)]
+            else:
+                pairs += [(U[:r, :r].clone(), V[:d_in, :d_in].clone(), a_name),
+                          (U[r:, r:].clone(), V[d_in:, d_in:].clone(), b_name)]
+        common["info"]["num_terms"] = self.num_terms
+        return KFACCurvature.from_factor_pairs(pairs, share_inputs=self.share_inputs, **common)

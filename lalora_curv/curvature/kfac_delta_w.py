@@ -14,8 +14,9 @@ K-FAC fitted at ``B = 0`` (whose A-blocks are zero), it anchors ``A`` as soon as
 from __future__ import annotations
 
 from .kfac import KFACCurvature
+from .statistics import KroneckerSums
 
-__all__ = ["KFACDeltaWCurvature"]
+__all__ = ["KFACDeltaWCurvature", "KFACDeltaWAccumulator"]
 
 
 class KFACDeltaWCurvature(KFACCurvature):
@@ -23,3 +24,29 @@ class KFACDeltaWCurvature(KFACCurvature):
 
     structure = "kfac_delta_w"
     space = "delta_w"
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> "KFACDeltaWAccumulator":
+        return KFACDeltaWAccumulator(lora, dtype, share_inputs=share_inputs)
+
+
+class KFACDeltaWAccumulator(KroneckerSums):
+    """Base-layer factors from the LoRA statistics: the base layer's input is ``lora_A``'s input
+    (``X = V_AA``) and the gradient w.r.t. the layer output is ``g_B / scaling``
+    (``G = U_BB / scaling^2``, with the scaling at fit time, recorded in ``info``)."""
+
+    def __init__(self, lora, dtype, *, share_inputs: bool = True):
+        super().__init__(lora, dtype, cross=False, skip_zero_A=False)
+        self.names = [layer.name for layer in lora.layers]
+        self.scalings = [layer.scaling for layer in lora.layers]
+        for name, s in zip(self.names, self.scalings):
+            if s == 0:
+                raise ValueError(f"{name}: LoRA scaling is 0, the Delta-W gradient factor is undefined")
+        self.share_inputs = share_inputs
+
+    def finalize(self, common: dict) -> KFACDeltaWCurvature:
+        pairs = [(U[r:, r:] / s**2, V[:d_in, :d_in].clone(), name)
+                 for (r, d_in, d_out, _, U, V), s, name in zip(self.nonzero_blocks(), self.scalings, self.names)]
+        common["info"]["num_terms"] = self.num_terms
+        common["info"]["scaling_at_fit"] = list(self.scalings)
+        return KFACDeltaWCurvature.from_factor_pairs(pairs, share_inputs=self.share_inputs, **common)

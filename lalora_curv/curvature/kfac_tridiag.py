@@ -21,8 +21,9 @@ from torch import Tensor
 
 from .base import CurvatureOperator
 from .kronecker import batch_to_rows, kron_diag, rows_to_batch
+from .statistics import KroneckerSums
 
-__all__ = ["KFACTridiagCurvature"]
+__all__ = ["KFACTridiagCurvature", "KFACTridiagAccumulator"]
 
 
 class KFACTridiagCurvature(CurvatureOperator):
@@ -32,6 +33,10 @@ class KFACTridiagCurvature(CurvatureOperator):
     """
 
     structure = "kfac_tridiag"
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype) -> "KFACTridiagAccumulator":
+        return KFACTridiagAccumulator(lora, dtype)
 
     def __init__(self, U: Sequence[Tensor], V: Sequence[Tensor], shapes: Sequence[Sequence[int]], **common):
         self.U, self.V = list(U), list(V)
@@ -88,3 +93,17 @@ class KFACTridiagCurvature(CurvatureOperator):
 
     def _scaled(self, alpha):
         return KFACTridiagCurvature([alpha * U for U in self.U], self.V, self.shapes, **self._common())
+
+
+class KFACTridiagAccumulator(KroneckerSums):
+    """The stacked factors themselves, cross blocks included (one weighting for all blocks, §3)."""
+
+    requires = frozenset({"cross"})
+
+    def __init__(self, lora, dtype):
+        super().__init__(lora, dtype, cross=True, skip_zero_A=False)
+
+    def finalize(self, common: dict) -> KFACTridiagCurvature:
+        U, V = self.factors()
+        common["info"]["num_terms"] = self.num_terms
+        return KFACTridiagCurvature(U, V, self.shapes, **common)

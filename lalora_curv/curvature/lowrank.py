@@ -7,48 +7,54 @@ block-diagonal ``C`` (rank grows; see :meth:`truncated`).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
 from .dense import _merged_common
+from .statistics import GradientSums
 
-__all__ = ["LowRankCurvature", "top_eigenpairs_from_factors"]
+__all__ = ["LowRankCurvature", "LowRankAccumulator", "top_eigenpairs", "kept_rank_info"]
 
 
-def top_eigenpairs_from_factors(V: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
-    """Top eigenpairs of ``G = scale * V^T V`` for ``V: Tensor[n, p]`` (rows = per-term vectors).
+def top_eigenpairs(rows: Tensor, rank: int, scale: float) -> tuple[Tensor, Tensor]:
+    """Top eigenpairs of ``G = scale * rows^T rows`` for ``rows: Tensor[n, p]`` (per-term vectors).
 
-    Uses a thin SVD of ``V`` via the smaller Gram matrix: exact, and cheaper than Lanczos on
-    matvecs whenever the number of vectors ``n`` is small compared with ``p`` (one eigh of an
-    ``min(n, p)`` square matrix). Returns ``(evals: Tensor[k], U: Tensor[p, k])``, descending.
+    From a thin SVD of ``rows`` (``rows = W S Z^T``, so ``G = Z (scale S^2) Z^T``), never from the
+    Gram matrix, which would square the condition number. Directions whose singular value is below
+    ``max(n, p) * eps(dtype) * s_max`` are numerically zero and are not returned, so
+    ``k = min(rank, numerical rank)`` may be smaller than ``rank``; no random completion.
+    Returns ``(evals: Tensor[k], U: Tensor[p, k])``, eigenvalues descending, ``U`` orthonormal.
     """
-    n, p = V.shape
-    k = min(rank, n, p)
-    if n <= p:
-        gram = V @ V.T
-        evals, W = torch.linalg.eigh(0.5 * (gram + gram.T))
-        evals, W = evals.flip(0)[:k].clamp_min(0), W.flip(1)[:, :k]
-        sing = evals.sqrt()
-        keep = sing > sing.max().clamp_min(1e-30) * 1e-12 if k else sing.new_zeros(0, dtype=torch.bool)
-        U = torch.zeros(p, k, dtype=V.dtype, device=V.device)
-        U[:, keep] = (V.T @ W[:, keep]) / sing[keep]
-        if (~keep).any():  # complete a basis for (numerically) zero directions; their eigenvalue is 0
-            Q, _ = torch.linalg.qr(torch.cat([U[:, keep], torch.randn(p, int((~keep).sum()), dtype=V.dtype,
-                                                                       device=V.device)], 1))
-            U = Q[:, :k]
-            evals = torch.cat([evals[keep], evals.new_zeros(int((~keep).sum()))])
-    else:
-        G = V.T @ V
-        evals, U = torch.linalg.eigh(0.5 * (G + G.T))
-        evals, U = evals.flip(0)[:k].clamp_min(0), U.flip(1)[:, :k]
-    return scale * evals, U
+    n, p = rows.shape
+    if n == 0:
+        return rows.new_zeros(0), rows.new_zeros(p, 0)
+    _, S, Vh = torch.linalg.svd(rows, full_matrices=False)
+    tol = S.max() * max(n, p) * torch.finfo(rows.dtype).eps
+    k = min(int(rank), int((S > tol).sum()))
+    return scale * S[:k] ** 2, Vh[:k].T.contiguous()
+
+
+def kept_rank_info(info: dict, requested: int, kept: int) -> None:
+    """Record the rank asked for and the rank kept; warn when the data cannot give the rank."""
+    info["rank_requested"], info["rank"] = int(requested), int(kept)
+    if kept < requested:
+        warnings.warn(f"rank={requested} requested but the fitted curvature has numerical rank {kept} (fewer "
+                      "independent gradient rows than the rank: more or longer batches, or terms='token', give more); "
+                      f"keeping rank {kept}", stacklevel=4)
 
 
 class LowRankCurvature(CurvatureOperator):
     """``P = U C U^T`` with ``U: Tensor[num_params, k]``, ``C: Tensor[k, k]`` symmetric PSD."""
 
     structure = "lowrank"
+    fit_options = frozenset({"terms", "rank"})
+
+    @classmethod
+    def accumulator(cls, lora, *, dtype, rank: int = 16) -> "LowRankAccumulator":
+        return LowRankAccumulator(lora.numel, dtype, lora.device, keep_rows=True, rank=_check_rank(rank))
 
     def __init__(self, U: Tensor, C: Tensor, **common):
         if U.ndim != 2 or C.shape != (U.shape[1], U.shape[1]):
@@ -95,3 +101,27 @@ class LowRankCurvature(CurvatureOperator):
             return LowRankCurvature(torch.cat([self.U, other.U], 1), torch.block_diag(self.C, other.C),
                                     **_merged_common(self, other))
         return None
+
+
+def _check_rank(rank) -> int:
+    if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    return int(rank)
+
+
+class LowRankAccumulator(GradientSums):
+    """Top-``rank`` eigenpairs of ``G = (1/M) sum_rows rows rows^T`` (see :func:`top_eigenpairs`)."""
+
+    def __init__(self, *args, rank: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rank = rank
+
+    def eigenpairs(self, common: dict) -> tuple[Tensor, Tensor]:
+        evals, U = top_eigenpairs(self.stacked_rows(), self.rank, self.scale())
+        kept_rank_info(common["info"], self.rank, evals.numel())
+        common["info"]["num_terms"] = self.num_terms
+        return evals, U
+
+    def finalize(self, common: dict) -> LowRankCurvature:
+        evals, U = self.eigenpairs(common)
+        return LowRankCurvature(U, torch.diag(evals), **common)

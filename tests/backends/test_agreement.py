@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lalora_curv as lc
-from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm
+from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm, options_for
 from tests.reference import rel_err
 
 F64 = dict(factor_dtype=torch.float64, progress=False)
@@ -30,8 +30,9 @@ def test_hooks_match_curvlinops_lm(lm, structure, kind):
         pytest.skip("curvlinops' MC-Fisher matvec operator draws its own samples per matvec: same distribution, "
                     "different draws (its KFAC draws them like we do and is compared)")
     model, batches = lm
-    opts = dict(structure=structure, kind=kind, mc_samples=2, seed=5, rank=3, **F64)
-    ours = lc.fit_curvature(model, batches, backend="hooks", terms="token", **opts)
+    opts = dict(structure=structure, kind=kind, **options_for(structure, kind, mc_samples=2, seed=5, rank=3), **F64)
+    token = {} if structure == "kfac" else {"terms": "token"}
+    ours = lc.fit_curvature(model, batches, backend="hooks", **token, **opts)
     theirs = lc.fit_curvature(model, batches, backend="curvlinops", **opts)
     # eager attention computes its softmax in fp32: agreement is to ~1e-7, not 1e-15
     assert rel_err(ours.to_dense(), theirs.to_dense()) < 1e-6
@@ -58,7 +59,8 @@ def test_kfac_quadratic_forms_match_curvlinops_kfac_operator(lm, lm_all_linear, 
 
     model, batches = lm if targets == "qv" else lm_all_linear
     lora = lc.LoRAParams.from_model(model)
-    ours = lc.fit_curvature(model, batches, structure="kfac", kind=kind, mc_samples=1, seed=7, **F64)
+    ours = lc.fit_curvature(model, batches, structure="kfac", kind=kind, **options_for("kfac", kind, mc_samples=1),
+                            seed=7, **F64)
     model_func, data, bsf, _ = as_curvlinops_data(model, batches)
     fisher = {"ggn": "type-2", "mc": "mc", "empirical": "empirical"}[kind]
     op = KFACLinearOperator(model_func, torch.nn.CrossEntropyLoss(), lora.params, data, fisher_type=fisher,
@@ -82,7 +84,8 @@ def test_curvlinops_refuses_masked_batches(lm):
 def test_hooks_match_backpack_per_sequence(structure, kind):
     model = make_tiny_lm()
     batches = [make_lm_batch(seed=31, prompt_len=1)]  # masked: BackPACK gets our masked backward vectors
-    opts = dict(structure=structure, kind=kind, terms="sequence", mc_samples=2, seed=1, rank=3, **F64)
+    opts = dict(structure=structure, kind=kind, terms="sequence", **F64,
+                **options_for(structure, kind, mc_samples=2, seed=1, rank=3))
     ours = lc.fit_curvature(model, batches, backend="hooks", **opts)
     theirs = lc.fit_curvature(model, batches, backend="backpack", **opts)
     assert rel_err(ours.to_dense(), theirs.to_dense()) < 1e-10

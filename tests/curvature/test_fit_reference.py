@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import lalora_curv as lc
-from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm
+from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm, options_for
 from tests.reference import block_mask, dense_curvature, lora_blocks, rel_err
 
 F64 = dict(factor_dtype=torch.float64, progress=False)
@@ -41,7 +41,7 @@ def test_gradient_structures_lm(lm_case, kind, terms):
             lc.fit_curvature(model, batches, structure="diag", kind=kind, terms=terms, **F64)
         return
     G = refs[(kind, terms)]
-    opts = dict(kind=kind, terms=terms, mc_samples=2, seed=3, **F64)
+    opts = dict(kind=kind, terms=terms, **options_for("dense", kind, mc_samples=2, seed=3), **F64)
     dense = lc.fit_curvature(model, batches, structure="dense", **opts)
     assert rel_err(dense.to_dense(), G) < 1e-6
     diag = lc.fit_curvature(model, batches, structure="diag", **opts)
@@ -62,8 +62,8 @@ def test_gradient_structures_classifier(clf_case, kind):
     model, lora, batches, refs = clf_case
     G = refs[kind]
     for terms in ("token", "sequence"):  # a classifier's term is a sample: both coincide
-        dense = lc.fit_curvature(model, batches, structure="dense", kind=kind, terms=terms, mc_samples=2, seed=3,
-                                 **F64)
+        dense = lc.fit_curvature(model, batches, structure="dense", kind=kind, terms=terms,
+                                 **options_for("dense", kind, mc_samples=2, seed=3), **F64)
         assert rel_err(dense.to_dense(), G) < 1e-6
 
 
@@ -83,7 +83,7 @@ def test_kfac_family_exact_for_one_sample(kind):
     batch = make_classifier_batch(N=1, seed=5)
     G = dense_curvature(model, lora.params, [batch], kind, mc_samples=3, seed=1)
     mats, layers = lora_blocks(lora)
-    opts = dict(kind=kind, mc_samples=3, seed=1, **F64)
+    opts = dict(kind=kind, **options_for("kfac", kind, mc_samples=3, seed=1), **F64)
     kfac = lc.fit_curvature(model, [batch], structure="kfac", **opts).to_dense()
     mask = block_mask(mats, lora.numel)
     assert rel_err(kfac, G * mask) < 1e-6
@@ -108,7 +108,8 @@ def test_kfac_delta_w_exact_for_one_sample(kind):
     finally:
         for w in bases:
             w.requires_grad_(False)
-    dw = lc.fit_curvature(model, [batch], structure="kfac_delta_w", kind=kind, mc_samples=2, seed=1, **F64)
+    dw = lc.fit_curvature(model, [batch], structure="kfac_delta_w", kind=kind,
+                          **options_for("kfac_delta_w", kind, mc_samples=2, seed=1), **F64)
     assert dw.num_params == sum(w.numel() for w in bases)
     ranges, offset = [], 0
     for w in bases:
@@ -154,7 +155,7 @@ def test_padding_and_masked_labels_are_not_terms(structure):
     singles = []
     for i, n in enumerate((6, 4)):
         singles.append({k: v[i:i + 1, :n] for k, v in padded.items()})
-    kw = dict(structure=structure, kind="empirical", terms="token", **F64)
+    kw = dict(structure=structure, kind="empirical", **options_for(structure, terms="token"), **F64)
     a = lc.fit_curvature(model, [padded], **kw).to_dense()
     b = lc.fit_curvature(model, singles, **kw).to_dense()
     assert rel_err(a, b) < 1e-6

@@ -9,7 +9,7 @@ import torch
 
 import lalora_curv as lc
 from lalora_curv.curvature.io import CurvatureFileError, CurvatureMismatchError
-from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm
+from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm, options_for
 
 ALL = ["dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac_delta_w"]
 
@@ -19,7 +19,7 @@ def setup():
     model = make_tiny_lm()
     lora = lc.LoRAParams.from_model(model)
     batches = [make_lm_batch(seed=51)]
-    ops = {s: lc.fit_curvature(model, batches, structure=s, rank=3, progress=False) for s in ALL}
+    ops = {s: lc.fit_curvature(model, batches, structure=s, **options_for(s, rank=3), progress=False) for s in ALL}
     return model, lora, ops
 
 

@@ -15,7 +15,7 @@ from lalora_curv.curvature import (
     LowRankCurvature,
     SumCurvature,
 )
-from tests.conftest import make_lm_batch, make_tiny_lm
+from tests.conftest import make_lm_batch, make_tiny_lm, options_for
 from tests.reference import rel_err
 
 F64 = dict(factor_dtype=torch.float64, progress=False)
@@ -26,8 +26,8 @@ ALL = ["dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac
 def fitted():
     model = make_tiny_lm()
     batches = [make_lm_batch(seed=41), make_lm_batch(seed=42)]
-    ops = {s: lc.fit_curvature(model, batches, structure=s, kind="empirical", rank=5, **F64) for s in ALL}
-    ops2 = {s: lc.fit_curvature(model, batches, structure=s, kind="mc", rank=3, seed=9, **F64) for s in ALL}
+    ops = {s: lc.fit_curvature(model, batches, structure=s, kind="empirical", **options_for(s, rank=5), **F64) for s in ALL}
+    ops2 = {s: lc.fit_curvature(model, batches, structure=s, kind="mc", **options_for(s, rank=3), seed=9, **F64) for s in ALL}
     return model, ops, ops2
 
 
@@ -125,10 +125,10 @@ def test_lowrank_matches_eigh_with_spectral_gap():
     g = torch.Generator().manual_seed(3)
     Q, _ = torch.linalg.qr(torch.randn(30, 30, generator=g, dtype=torch.float64))
     evals = torch.tensor([50.0, 20.0, 10.0] + [0.1] * 27, dtype=torch.float64)
-    from lalora_curv.curvature.lowrank import top_eigenpairs_from_factors
+    from lalora_curv.curvature.lowrank import top_eigenpairs
 
     V = (Q * evals.sqrt()).T  # V^T V = Q diag(evals) Q^T
-    top, U = top_eigenpairs_from_factors(V, 3, 1.0)
+    top, U = top_eigenpairs(V, 3, 1.0)
     assert torch.allclose(top, evals[:3], rtol=1e-10)
     overlap = torch.linalg.svdvals(U.T @ Q[:, :3])
     assert torch.allclose(overlap, torch.ones(3, dtype=torch.float64), atol=1e-8)
