@@ -8,7 +8,14 @@ import torch
 
 import lalora_curv as lc
 from lalora_curv.continual import TaskSequence, process_noise
-from lalora_curv.curvature import CurvatureFileError, CurvatureMismatchError, DiagLowRankCurvature, SumCurvature
+from lalora_curv.curvature import (
+    CurvatureFileError,
+    CurvatureMismatchError,
+    DiagCurvature,
+    DiagLowRankCurvature,
+    NonFiniteCurvatureError,
+    SumCurvature,
+)
 from lalora_curv.training import finetune
 
 from ..helpers_continual import (
@@ -198,3 +205,51 @@ def test_task_sequence_curvature_scale_and_explicit_rank_truncation():
     # task 2: both see the same exact filtered precision before truncation -> same diagonal
     torch.testing.assert_close(truncated.tasks[1].precision.diagonal(), exact.tasks[1].precision.diagonal())
     assert (truncated.tasks[1].precision.to_dense() - exact.tasks[1].precision.to_dense()).abs().max() > 1e-6
+
+
+def _one_task_sequence():
+    model = make_model(0)
+    lora = lc.LoRAParams.from_model(model)
+    seq = TaskSequence(model, "diag", prior_precision=0.1)
+    curv = DiagCurvature(torch.rand(lora.numel, generator=gen(90), dtype=torch.float64), kind="empirical",
+                         signature=lora.signature())
+    seq.add_task(curv, mean=torch.randn(lora.numel, generator=gen(91), dtype=torch.float64))
+    return seq, model
+
+
+@pytest.mark.parametrize("where", ["mean", "precision"])
+def test_task_sequence_save_refuses_non_finite_state(tmp_path, where):
+    """Defect 6: a NaN/inf in a saved mean or precision is a named error at save time (and nothing is
+    written), as for curvatures."""
+    seq, _ = _one_task_sequence()
+    if where == "mean":
+        seq.tasks[0].mean[3] = float("nan")
+    else:
+        seq.tasks[0].precision.diag[5] = float("inf")
+    path = tmp_path / "seq.safetensors"
+    key = "task0.mean" if where == "mean" else "task0.precision.diag"
+    with pytest.raises(NonFiniteCurvatureError, match=key):
+        seq.save(path)
+    assert not path.exists()
+
+
+@pytest.mark.parametrize("key", ["task0.mean", "task0.precision.diag", "process_noise"])
+def test_task_sequence_load_refuses_non_finite_state(tmp_path, key):
+    """Defect 6, load side: a file whose tensors hold NaN/inf (written by another tool or corrupted)
+    is a named error, never a silently poisoned prior."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    seq, model = _one_task_sequence()
+    path = tmp_path / "seq.safetensors"
+    seq.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[key] = tensors[key].clone()
+    tensors[key][0] = float("nan")
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=header)
+    with pytest.raises(NonFiniteCurvatureError, match=key):
+        TaskSequence.load(bad, model)
+    TaskSequence.load(path, model)  # the untouched file still loads
