@@ -253,3 +253,38 @@ def test_task_sequence_load_refuses_non_finite_state(tmp_path, key):
     with pytest.raises(NonFiniteCurvatureError, match=key):
         TaskSequence.load(bad, model)
     TaskSequence.load(path, model)  # the untouched file still loads
+
+
+@pytest.mark.parametrize("prior", [0.0, PRIOR])
+def test_task_sequence_lowrank_noise_dynamics_matches_dense(prior):
+    """lowrank is a task structure now that the list is read off the classes (its predict step is
+    closed form and survives the update); filtering and smoothing against the dense recursion."""
+    model = make_model(0)
+    lora = lc.LoRAParams.from_model(model)
+    n = lora.numel
+    eye = torch.eye(n, dtype=torch.float64)
+    q = torch.full((n,), 0.2, dtype=torch.float64)
+    seq = TaskSequence(model, "lowrank", dynamics="noise", process_noise=q, prior_precision=prior)
+    filtered, means, curvatures = [], [], []
+    for t in range(3):
+        op = make_operator("lowrank", 95 + t, p=n, rank=3)
+        curv = lc.curvature.LowRankCurvature(op.U, op.C, kind="empirical", signature=lora.signature())
+        curvatures.append(curv)
+        means.append(torch.randn(n, generator=gen(98 + t), dtype=torch.float64))
+        seq.add_task(curv, mean=means[-1])
+        prev = prior * eye if t == 0 else filtered[-1] @ torch.linalg.inv(eye + torch.diag(q) @ filtered[-1])
+        filtered.append(prev + curv.to_dense())
+    for rec, ref in zip(seq.tasks, filtered):
+        torch.testing.assert_close(rec.precision.to_dense() + rec.isotropic * eye, ref, rtol=1e-8, atol=1e-10)
+    if prior == 0:
+        assert [rec.precision.rank for rec in seq.tasks] == [3, 6, 9]
+    smoothed = seq.smoothed().means
+    if prior > 0:  # the textbook reference inverts the precisions
+        ref_means, _ = dense_rts(means, filtered, [q, q])
+        for got, ref in zip(smoothed, ref_means):
+            torch.testing.assert_close(got, ref, rtol=1e-8, atol=1e-10)
+    assert (smoothed[0] - means[0]).abs().max() > 1e-3
+    truncated = TaskSequence(model, "lowrank", dynamics="noise", process_noise=q, prior_precision=prior, max_rank=4)
+    for curv, mean in zip(curvatures, means):
+        truncated.add_task(curv, mean=mean)
+    assert [rec.precision.rank for rec in truncated.tasks] == [3, 4, 4]
