@@ -15,7 +15,7 @@ from .sum import SumCurvature
 
 __all__ = [
     "CurvatureOperator", "DenseCurvature", "DiagCurvature", "KFACCurvature", "KFACTridiagCurvature",
-    "LowRankCurvature", "DiagLowRankCurvature", "KFACDeltaWCurvature", "SumCurvature", "EigenKFACCurvature", "fit_curvature",
-    "load_curvature", "save_curvature", "STRUCTURES", "BACKENDS", "DenseTooLargeError",
+    "LowRankCurvature", "DiagLowRankCurvature", "KFACDeltaWCurvature", "SumCurvature", "EigenKFACCurvature",
+    "fit_curvature", "load_curvature", "save_curvature", "STRUCTURES", "BACKENDS", "DenseTooLargeError",
     "NonFiniteCurvatureError", "CurvatureFileError", "CurvatureMismatchError",
 ]
