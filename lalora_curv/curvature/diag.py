@@ -80,6 +80,5 @@ class DiagCurvature(CurvatureOperator):
 
     def _smoothed_precision(self, next_smoothed, q):
         predicted = self.diag / (1 + q * self.diag)
-        # information of the later tasks (>= 0; the clamp only removes rounding below zero)
-        later = (next_smoothed.diag - predicted).clamp_min(0)
+        later = next_smoothed.diag - predicted  # information of the later tasks (>= 0 up to rounding)
         return DiagCurvature(self.diag + later / (1 + q * later), **self._common())

@@ -109,3 +109,20 @@ def test_smoothed_precisions_stay_accurate_in_float32_when_ill_conditioned(struc
         assert err < 1e-5, f"task {t}: relative error {err:.2e} of the smoothed {structure} precision"
     # the smoothing really changed the earlier precisions (a test that could not fail otherwise)
     assert float((got[0].to_dense() - precisions[0].to_dense()).abs().max()) > 1.0
+
+
+def test_smoothed_diag_precision_with_zero_entries():
+    """Precision form allows singular filtered precisions: a coordinate no task has informed before
+    ``t+1`` gets the later information carried back, ``Lambda_t^s = pred(Lambda_{t+1}^s)`` (the
+    covariance form's ``inf - inf`` limit), instead of a division by zero."""
+    p = 6
+    q = torch.full((p,), 0.5, dtype=torch.float64)
+    first = DiagCurvature(torch.tensor([0.0, 0.0, 1.0, 2.0, 3.0, 4.0], dtype=torch.float64), kind="empirical")
+    second = predict(first, q) + DiagCurvature(torch.linspace(1.0, 2.0, p, dtype=torch.float64), kind="empirical")
+    means = [torch.zeros(p, dtype=torch.float64)] * 2
+    smoothed = rts_smooth(means, [first, second], q).precisions
+    carried = second.diag / (1 + 0.5 * second.diag)
+    torch.testing.assert_close(smoothed[0].diag[:2], carried[:2], rtol=1e-14, atol=0)
+    S, S_pred, Ss = 1 / first.diag[2:], 1 / first.diag[2:] + 0.5, 1 / second.diag[2:]  # textbook, invertible part
+    J = S / S_pred
+    torch.testing.assert_close(smoothed[0].diag[2:], 1 / (S + J * J * (Ss - S_pred)), rtol=1e-12, atol=0)
