@@ -23,7 +23,7 @@ from .curvature import (
 from .losses import KINDS
 from .params import LoRADiscoveryError, LoRALayer, LoRAParams
 from .penalties import L2Penalty, LaplacePenalty
-from .continual import TaskSequence  # noqa: E402  (also registers the eigen_kfac structure for load_curvature)
+from .continual import TaskSequence
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Tiny Llama + peft LoRA and causal-LM batches for tests/test_training.py and tests/test_continual.py.
+"""Tiny Llama + peft LoRA and causal-LM batches for tests/test_training.py and tests/continual/.
 
 Model: ``LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
 num_attention_heads=4, num_key_value_heads=2)``, eager attention, LoRA ``r=2, alpha=4`` on

@@ -4,6 +4,7 @@ from .base import CurvatureOperator, DenseTooLargeError, NonFiniteCurvatureError
 from .dense import DenseCurvature
 from .diag import DiagCurvature
 from .diag_lowrank import DiagLowRankCurvature
+from .eigen_kfac import EigenKFACCurvature
 from .fit import BACKENDS, CurvatureFitter, fit_curvature
 from .io import CurvatureFileError, CurvatureMismatchError, load_curvature, save_curvature
 from .kfac import KFACCurvature
@@ -15,8 +16,8 @@ from .sum import SumCurvature
 
 __all__ = [
     "CurvatureOperator", "DenseCurvature", "DiagCurvature", "KFACCurvature", "KFACTridiagCurvature",
-    "LowRankCurvature", "DiagLowRankCurvature", "KFACDeltaWCurvature", "SumCurvature", "fit_curvature",
-    "CurvatureFitter",
-    "load_curvature", "save_curvature", "STRUCTURES", "BACKENDS", "DenseTooLargeError",
+    "LowRankCurvature", "DiagLowRankCurvature", "KFACDeltaWCurvature", "SumCurvature", "EigenKFACCurvature",
+    "fit_curvature", "CurvatureFitter", "load_curvature", "save_curvature", "STRUCTURES", "BACKENDS",
+    "DenseTooLargeError",
     "NonFiniteCurvatureError", "CurvatureFileError", "CurvatureMismatchError",
 ]

@@ -13,7 +13,7 @@ may implement ``solve`` and cheaper ``quadratic_form``/``to_dense``. Everything 
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar, Mapping
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 from torch import Tensor
@@ -280,3 +280,111 @@ class CurvatureOperator:
             f"{type(self).__name__}(structure={self.structure!r}, kind={self.kind!r}, "
             f"num_params={self.num_params}, nbytes={self.nbytes})"
         )
+
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    # Identity dynamics with diagonal process noise ``Q = diag(q)`` (``q: Tensor[num_params]``,
+    # >= 0); ``self`` is a precision ``Lambda``. A structure implements the underscored methods it
+    # has a closed form for; the public ones validate once (space, noise vector, options) and the
+    # defaults below refuse by name. Only theta-space operators take part (SEMANTICS §4-5).
+
+    #: the continual operations a structure may implement (its own ``_<operation>``)
+    CONTINUAL_OPERATIONS: ClassVar[tuple[str, ...]] = ("with_isotropic", "predict", "smoothing_gain",
+                                                       "smoothed_precision")
+    #: keyword options this structure's :meth:`predict` accepts besides the noise
+    predict_options: ClassVar[tuple[str, ...]] = ()
+    #: True when ``predict(P) + C`` (``C`` a fresh curvature of this structure) is again an operator
+    #: with its own predict step, so that filtering with process noise stays closed form task after task
+    filtering_closed: ClassVar[bool] = False
+
+    @classmethod
+    def supports(cls, operation: str) -> bool:
+        """Whether this structure has its own closed form for a continual ``operation``."""
+        if operation not in CurvatureOperator.CONTINUAL_OPERATIONS:
+            raise ValueError(f"unknown continual operation {operation!r}; "
+                             f"choose one of {CurvatureOperator.CONTINUAL_OPERATIONS}")
+        own = getattr(cls, f"_{operation}") is not getattr(CurvatureOperator, f"_{operation}")
+        return cls.space == "theta" and own
+
+    @staticmethod
+    def structures_supporting(operation: str) -> tuple[str, ...]:
+        """Registered structures with their own closed form for ``operation`` (sorted names)."""
+        return tuple(sorted(name for name, cls in CurvatureOperator.registry.items() if cls.supports(operation)))
+
+    def _unsupported(self, operation: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{operation} is not available for structure {self.structure!r} (no closed form in this "
+            f"structure); structures that have it: {', '.join(self.structures_supporting(operation))}")
+
+    def _require_theta(self, operation: str) -> None:
+        if self.space != "theta":
+            raise ValueError(f"{operation}: this {self.structure} operator acts on the {self.space!r} space, not on "
+                             "the LoRA parameters theta; filtering and smoothing are defined for theta-space "
+                             "precisions only")
+
+    def _noise_vector(self, noise) -> Tensor:
+        """Process noise (a number or ``Tensor[num_params]``/scalar tensor, finite, >= 0) as a
+        ``Tensor[num_params]`` in this operator's dtype and device."""
+        if isinstance(noise, Tensor):
+            if noise.ndim == 0:
+                noise = noise.expand(self.num_params)
+            if noise.shape != (self.num_params,):
+                raise ValueError(f"process noise has shape {tuple(noise.shape)}, expected ({self.num_params},) "
+                                 "or a scalar")
+            q = noise.to(device=self.device, dtype=self.dtype)
+        else:
+            q = torch.full((self.num_params,), float(noise), dtype=self.dtype, device=self.device)
+        if not torch.isfinite(q).all() or (q < 0).any():
+            raise ValueError("process noise must be finite and >= 0")
+        return q
+
+    def with_isotropic(self, value: float) -> CurvatureOperator:
+        """``P + value * I`` exactly, in a structure whose predict step is closed form."""
+        self._require_theta("with_isotropic")
+        value = float(value)
+        if not math.isfinite(value) or value < 0:
+            raise ValueError(f"isotropic precision must be a finite number >= 0, got {value}")
+        return self._with_isotropic(value)
+
+    def predict(self, noise, **options) -> CurvatureOperator:
+        """Gaussian-filtering predict step: the precision ``(P^{-1} + diag(q))^{-1}`` (exact;
+        written as ``P (I + Q P)^{-1}``, so a singular ``P`` is fine). ``options``: see
+        ``predict_options`` of the structure."""
+        self._require_theta("predict")
+        unknown = sorted(set(options) - set(self.predict_options))
+        if unknown:
+            takers = sorted(n for n, c in CurvatureOperator.registry.items() if set(unknown) <= set(c.predict_options))
+            raise ValueError(f"predict option(s) {unknown} do not apply to structure {self.structure!r}"
+                             + (f"; they apply to {', '.join(takers)}" if takers else ""))
+        return self._predict(self._noise_vector(noise), **options)
+
+    def smoothing_gain(self, noise) -> Callable[[Tensor], Tensor]:
+        """The RTS gain ``J = (I + Q P)^{-1}`` (``P`` the filtered precision of the earlier task) as
+        a function ``v: Tensor[num_params] -> J v``. ``I + Q P`` is always invertible."""
+        self._require_theta("smoothing_gain")
+        return self._smoothing_gain(self._noise_vector(noise))
+
+    def smoothed_precision(self, next_smoothed: CurvatureOperator, noise) -> CurvatureOperator:
+        """RTS smoothed precision of this (filtered) task from the next task's smoothed precision,
+        in precision form (no inverse of a precision)::
+
+            Lambda_t^s = Lambda_t + pred(Lambda_{t+1}^s - pred(Lambda_t))
+
+        ``pred`` the predict step; ``Lambda_{t+1}^s - pred(Lambda_t)`` is the information of the
+        later tasks' data (PSD), carried back one transition by ``pred``."""
+        self._require_theta("smoothed_precision")
+        if type(next_smoothed) is not type(self):
+            raise TypeError(f"smoothed_precision of a {self.structure} precision needs the next task's smoothed "
+                            f"precision in the same structure, got {getattr(next_smoothed, 'structure', None)!r}")
+        return self._smoothed_precision(next_smoothed, self._noise_vector(noise))
+
+    def _with_isotropic(self, value: float) -> CurvatureOperator:
+        raise self._unsupported("with_isotropic")
+
+    def _predict(self, q: Tensor, **options) -> CurvatureOperator:
+        raise self._unsupported("predict")
+
+    def _smoothing_gain(self, q: Tensor) -> Callable[[Tensor], Tensor]:
+        raise self._unsupported("smoothing_gain")
+
+    def _smoothed_precision(self, next_smoothed: CurvatureOperator, q: Tensor) -> CurvatureOperator:
+        raise self._unsupported("smoothed_precision")

@@ -67,6 +67,30 @@ class DenseCurvature(CurvatureOperator):
             return DenseCurvature(self.matrix + other.matrix, **_merged_common(self, other))
         return None
 
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    filtering_closed = True
+
+    def _with_isotropic(self, value):
+        return DenseCurvature(self.matrix + value * torch.eye(self.num_params, dtype=self.dtype, device=self.device),
+                              **self._common())
+
+    def _predict(self, q):
+        # (P^{-1} + Q)^{-1} = P - P S (I + S P S)^{-1} S P with S = Q^{1/2}: no inverse of P (may be singular)
+        s = q.sqrt()
+        PS = self.matrix * s[None, :]
+        inner = torch.eye(self.num_params, dtype=self.dtype, device=self.device) + s[:, None] * PS
+        result = self.matrix - PS @ torch.linalg.solve(inner, PS.T)
+        return DenseCurvature(0.5 * (result + result.T), **self._common())
+
+    def _smoothing_gain(self, q):
+        M = torch.eye(self.num_params, dtype=self.dtype, device=self.device) + q[:, None] * self.matrix
+        return lambda v: torch.linalg.solve(M, v.to(M.dtype))
+
+    def _smoothed_precision(self, next_smoothed, q):
+        later = next_smoothed.matrix - self._predict(q).matrix  # information of the later tasks (PSD)
+        carried = DenseCurvature(0.5 * (later + later.T), **self._common())._predict(q).matrix
+        return DenseCurvature(self.matrix + carried, **self._common())
+
 
 def _merged_common(a: CurvatureOperator, b: CurvatureOperator) -> dict:
     """Common metadata of an exact sum ``a + b`` (kind and info of both recorded)."""

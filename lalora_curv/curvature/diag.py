@@ -70,6 +70,25 @@ class DiagCurvature(CurvatureOperator):
     def _add_same_reflected(self, other):
         return self._add_same(other)
 
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    # all elementwise: a diagonal precision stays diagonal under identity dynamics with diagonal noise
+    filtering_closed = True
+
+    def _with_isotropic(self, value):
+        return DiagCurvature(self.diag + value, **self._common())
+
+    def _predict(self, q):
+        return DiagCurvature(self.diag / (1 + q * self.diag), **self._common())
+
+    def _smoothing_gain(self, q):
+        gain = 1 / (1 + q * self.diag)
+        return lambda v: gain * v.to(gain.dtype)
+
+    def _smoothed_precision(self, next_smoothed, q):
+        predicted = self.diag / (1 + q * self.diag)
+        later = next_smoothed.diag - predicted  # information of the later tasks (>= 0 up to rounding)
+        return DiagCurvature(self.diag + later / (1 + q * later), **self._common())
+
 
 class DiagAccumulator(GradientSums):
     """``diag(P) = (1/M) sum_rows rows^2``."""

@@ -100,6 +100,23 @@ class DiagLowRankCurvature(CurvatureOperator):
         dropped_diag = low.diagonal() - kept.diagonal()
         return DiagLowRankCurvature(self.D + dropped_diag.clamp_min(0), kept.U, kept.C, **self._common())
 
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    # predict exact with the rank unchanged: with e = 1 + q d, (P^{-1} + Q)^{-1} = diag(d/e) + V C' V^T,
+    # V = diag(1/e) U, C' = (C^{-1} + U^T diag(q/e) U)^{-1} (Woodbury twice; the D^{-1} terms cancel,
+    # so zero d_i and singular C are fine)
+    filtering_closed = True
+
+    def _with_isotropic(self, value):
+        return DiagLowRankCurvature(self.D + value, self.U, self.C, **self._common())
+
+    def _predict(self, q):
+        e = 1 + q * self.D
+        return DiagLowRankCurvature(self.D / e, self.U / e[:, None],
+                                    LowRankCurvature._woodbury_core(self.U, self.C, q / e), **self._common())
+
+    def _smoothing_gain(self, q):
+        return LowRankCurvature._woodbury_gain(self.D, self.U, self.C, q)
+
 
 class DiagLowRankAccumulator(LowRankAccumulator):
     """``U, C`` = top eigenpairs of ``G``; ``D = diag(G - U C U^T)`` (>= 0: the residual is PSD)."""

@@ -179,6 +179,28 @@ class KFACCurvature(CurvatureOperator):
         return type(self)([alpha * G for G in self.grad_factors], self.input_factors, self.blocks,
                           **self._common())
 
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    # exact in the Kronecker eigenbasis: every operation goes through EigenKFACCurvature (a sum of
+    # Kronecker products has no common eigenbasis, so filtering with noise is not closed here).
+    # kfac_delta_w inherits these methods and is refused by its space in the base class.
+    predict_options = ("kfac_noise",)
+
+    def _eigenbasis(self, isotropic: float = 0.0):
+        # imported here to keep this section apart from the fitting side of the file; no cycle:
+        # eigen_kfac does not import this module
+        from .eigen_kfac import EigenKFACCurvature
+
+        return EigenKFACCurvature.from_kfac(self, isotropic)
+
+    def _with_isotropic(self, value):
+        return self._eigenbasis(value)
+
+    def _predict(self, q, kfac_noise: str = "exact"):
+        return self._eigenbasis()._predict(q, kfac_noise=kfac_noise)
+
+    def _smoothing_gain(self, q):
+        return self._eigenbasis()._smoothing_gain(q)
+
 
 class KFACAccumulator(KroneckerSums):
     """K-FAC from the stacked sums: the diagonal (A-A and B-B) blocks of each layer, one block per

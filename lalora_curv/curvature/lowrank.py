@@ -102,6 +102,39 @@ class LowRankCurvature(CurvatureOperator):
                                     **_merged_common(self, other))
         return None
 
+    # -- continual: filtering and smoothing (lalora_curv.continual) --
+    # ``P = U C U^T`` with noise ``diag(q)``: Woodbury, never ``C^{-1}``, rank unchanged.
+    # (``P + value * I`` is diag_lowrank: the generic ``P + diag`` sum gives it exactly.)
+    filtering_closed = True
+
+    @staticmethod
+    def _woodbury_core(U: Tensor, C: Tensor, w: Tensor) -> Tensor:
+        """``(C^{-1} + U^T diag(w) U)^{-1} = (I + C K)^{-1} C`` with ``K = U^T diag(w) U``
+        (no ``C^{-1}``; symmetric PSD ``Tensor[k, k]``)."""
+        K = U.T @ (w[:, None] * U)
+        eye = torch.eye(C.shape[0], dtype=C.dtype, device=C.device)
+        core = torch.linalg.solve(eye + C @ K, C)
+        return 0.5 * (core + core.T)
+
+    @staticmethod
+    def _woodbury_gain(d: Tensor, U: Tensor, C: Tensor, q: Tensor):
+        """RTS gain ``(I + Q (diag(d) + U C U^T))^{-1}`` as ``v -> J v`` in ``O(p k^2)``:
+        ``J v = v/e - (q/e) * U core U^T (v/e)``, ``e = 1 + q d``."""
+        e = 1 + q * d
+        core = LowRankCurvature._woodbury_core(U, C, q / e)
+
+        def apply(v: Tensor) -> Tensor:
+            v = v.to(e.dtype) / e
+            return v - (q / e) * (U @ (core @ (U.T @ v)))
+
+        return apply
+
+    def _predict(self, q):
+        return LowRankCurvature(self.U, self._woodbury_core(self.U, self.C, q), **self._common())
+
+    def _smoothing_gain(self, q):
+        return self._woodbury_gain(torch.zeros_like(q), self.U, self.C, q)
+
 
 def _check_rank(rank) -> int:
     if isinstance(rank, bool) or int(rank) != rank or int(rank) < 1:

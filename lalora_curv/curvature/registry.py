@@ -11,6 +11,7 @@ from .base import CurvatureOperator
 from .dense import DenseCurvature
 from .diag import DiagCurvature
 from .diag_lowrank import DiagLowRankCurvature
+from .eigen_kfac import EigenKFACCurvature
 from .kfac import KFACCurvature
 from .kfac_delta_w import KFACDeltaWCurvature
 from .kfac_tridiag import KFACTridiagCurvature
@@ -22,7 +23,7 @@ __all__ = ["STRUCTURES", "structure_class", "all_structures"]
 #: every operator class, in the order docs and the CLI list them
 _CLASSES: tuple[type[CurvatureOperator], ...] = (
     DenseCurvature, DiagCurvature, KFACCurvature, KFACTridiagCurvature, LowRankCurvature, DiagLowRankCurvature,
-    KFACDeltaWCurvature, SumCurvature,
+    KFACDeltaWCurvature, SumCurvature, EigenKFACCurvature,
 )
 
 #: the structures ``fit_curvature`` can build, in that order
