@@ -8,6 +8,7 @@ Public API (see docs/api.md)::
     pen = lc.LaplacePenalty(curv, anchor=lora.snapshot(), strength=lam, lora=lora)
 """
 
+from .continual import TaskSequence  # also registers the eigen_kfac structure for load_curvature
 from .curvature import (
     BACKENDS,
     STRUCTURES,
@@ -22,7 +23,6 @@ from .curvature import (
 from .losses import KINDS
 from .params import LoRADiscoveryError, LoRALayer, LoRAParams
 from .penalties import L2Penalty, LaplacePenalty
-from .continual import TaskSequence  # noqa: E402  (also registers the eigen_kfac structure for load_curvature)
 
 __version__ = "0.1.0"
 
