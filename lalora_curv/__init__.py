@@ -8,6 +8,7 @@ Public API (see docs/api.md)::
     pen = lc.LaplacePenalty(curv, anchor=lora.snapshot(), strength=lam, lora=lora)
 """
 
+from .continual import TaskSequence
 from .curvature import (
     BACKENDS,
     STRUCTURES,
@@ -23,7 +24,6 @@ from .curvature import (
 from .losses import KINDS
 from .params import LoRADiscoveryError, LoRALayer, LoRAParams
 from .penalties import L2Penalty, LaplacePenalty
-from .continual import TaskSequence
 
 __version__ = "0.1.0"
 
@@ -39,7 +39,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'lalora_curv' has no attribute {name!r}")
 
 __all__ = [
-    "LoRAParams", "LoRALayer", "LoRADiscoveryError", "fit_curvature", "CurvatureFitter", "load_curvature", "CurvatureOperator",
+    "LoRAParams", "LoRALayer", "LoRADiscoveryError", "fit_curvature", "CurvatureFitter", "load_curvature",
+    "CurvatureOperator",
     "LaplacePenalty", "L2Penalty", "STRUCTURES", "KINDS", "BACKENDS", "CurvatureFileError",
     "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "TaskSequence", "finetune",
     "PenalizedTrainer", "PenaltyLoop", "__version__",

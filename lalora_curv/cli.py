@@ -1,7 +1,10 @@
 """``lalora-curv``: fit, finetune, eval, bench and demo from the command line.
 
-Errors are one line (``lalora-curv: error: ...``) with a non-zero exit code; ``--debug`` shows
-the traceback.
+Exit codes: 0 success; 2 a usage error (argparse's own, and options that contradict each other),
+printed with the command's usage; 1 a runtime error (a missing file, a model that does not load,
+a curvature that does not fit the adapter, ...), printed as one line ``lalora-curv: error: ...``
+without a traceback unless ``--debug`` or ``LALORA_DEBUG=1``; 130 interrupted.
+Also runs as ``python -m lalora_curv``.
 """
 
 from __future__ import annotations
@@ -12,6 +15,12 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .experiments.pipeline import RunConfig
 
 __all__ = ["main", "build_parser"]
 
@@ -19,7 +28,14 @@ STRUCTURE_CHOICES = ("dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_l
 
 
 class CLIError(Exception):
-    """An error worth one line to the user."""
+    """A runtime error worth one line to the user (exit code 1)."""
+
+
+#: exit codes of :func:`main`
+EXIT_RUNTIME_ERROR = 1
+EXIT_INTERRUPTED = 130
+#: environment variable that, set to 1, shows tracebacks like ``--debug``
+DEBUG_ENV = "LALORA_DEBUG"
 
 
 # ----------------------------------------------------------------------------------------- parser
@@ -67,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lalora-curv",
         description="Curvature (GGN/Fisher) over LoRA parameters and Laplace penalties against forgetting (LaLoRA).")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -84,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--proxy-batches", type=int, default=2, help="number of proxy batches (the paper: 1-2 suffice)")
     p.add_argument("--proxy-batch-size", type=int, default=8)
     p.add_argument("--proxy-seq-len", type=int, default=128)
-    p.add_argument("--output", type=Path, default=None, help="curvature file (default: OUTPUT_DIR/curvature.safetensors)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="curvature file (default: OUTPUT_DIR/curvature.safetensors)")
 
     p = sub.add_parser("finetune", help="LoRA fine-tuning on gsm_symbolic with a penalty; saves the adapter",
                        description="Fine-tune LoRA on gsm_symbolic with --penalty none|l2|lalora.")
@@ -133,11 +151,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also score greedy exact match (slow on CPU; a 135M model scores ~0-5%% on gsm_symbolic)")
     # the demo's budget: 2 sequences per step keep both fine-tunes and 3 evaluations under 10 min on 2 CPU cores
     p.set_defaults(batch_size=2, no_exact_match=True)
+    for command_parser in sub.choices.values():
+        # the subcommand's own parser, so that usage errors found after parsing print its usage
+        command_parser.set_defaults(command_parser=command_parser)
     return parser
 
 
+def usage_problem(args: argparse.Namespace) -> str | None:
+    """Options that parse but contradict each other: a usage error (exit 2), found before any work."""
+    if args.command == "finetune" and args.penalty == "lalora" and args.curvature is None:
+        return "--penalty lalora needs --curvature FILE (create one with `lalora-curv fit`)"
+    if args.command == "demo" and args.lam is not None and args.lam_relative is not None:
+        return "give --lam or --lam-relative, not both"
+    return None
+
+
 # ----------------------------------------------------------------------------------------- helpers
-def _config(args) -> "RunConfig":
+def _config(args) -> RunConfig:
     from .experiments.pipeline import RunConfig
 
     cfg = RunConfig(model=getattr(args, "model", None), device=args.device, dtype=getattr(args, "dtype", "float32"),
@@ -197,7 +227,8 @@ def cmd_fit(args) -> int:
     out = args.output or args.output_dir / "curvature.safetensors"
     curv.save(out)
     lora_cfg = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.targets)}
-    _write_json(Path(str(out) + ".json"), {"structure": curv.structure, "kind": curv.kind, "num_params": curv.num_params,
+    _write_json(Path(str(out) + ".json"), {"structure": curv.structure, "kind": curv.kind,
+                                           "num_params": curv.num_params,
                                            "nbytes": curv.nbytes, "seconds": seconds, "lora": lora_cfg,
                                            "config": cfg.to_json(), "info": curv.info})
     print(f"saved {curv.structure}/{curv.kind} curvature over {curv.num_params} parameters "
@@ -212,8 +243,6 @@ def cmd_finetune(args) -> int:
     from .training import finetune
 
     cfg = _config(args)
-    if args.penalty == "lalora" and args.curvature is None:
-        raise CLIError("--penalty lalora needs --curvature FILE (create one with `lalora-curv fit`)")
     if args.curvature is not None and not args.curvature.is_file():
         raise CLIError(f"curvature file not found: {args.curvature}")
     model, tok = load_base_model(cfg)
@@ -230,7 +259,8 @@ def cmd_finetune(args) -> int:
                                                             "curvature": str(args.curvature), "config": cfg.to_json()})
     _write_json(args.output_dir / "finetune_history.json", {"history": result.history, "seconds": result.seconds})
     last = result.history[-1] if result.history else {}
-    print(f"trained {cfg.steps} steps in {result.seconds:.1f} s (final task loss {last.get('task_loss', float('nan')):.4f}, "
+    print(f"trained {cfg.steps} steps in {result.seconds:.1f} s "
+          f"(final task loss {last.get('task_loss', float('nan')):.4f}, "
           f"penalty {last.get('penalty', 0.0):.4f}); adapter saved to {out}")
     return 0
 
@@ -293,8 +323,6 @@ def cmd_demo(args) -> int:
 
     clock = Stopwatch()
     cfg = _config(args)
-    if args.lam is not None and args.lam_relative is not None:
-        raise CLIError("give --lam or --lam-relative, not both")
     lam_relative = DEMO_LAM_RELATIVE if args.lam_relative is None else args.lam_relative
     prior = DEMO_PRIOR_PRECISION if args.prior_precision is None else args.prior_precision
     progress = not args.no_progress
@@ -337,7 +365,8 @@ def cmd_demo(args) -> int:
     print()
     table = _print_table(rows)
     out = args.output_dir
-    _write_json(out / "demo.json", {"rows": rows, "histories": histories, "config": cfg.to_json(), "lam": lam, "lam_source": lam_source,
+    _write_json(out / "demo.json", {"rows": rows, "histories": histories, "config": cfg.to_json(), "lam": lam,
+                                    "lam_source": lam_source,
                                     "prior_precision": prior, "structure": args.structure,
                                     "curvature_nbytes": curv.nbytes, "seconds": clock(),
                                     "model_note": "SmolLM2-135M-Instruct dequantized from Q4_1 GGUF"
@@ -370,7 +399,8 @@ def _demo_plot(rows: dict[str, dict[str, float]], path: Path) -> Path:
     for i, (name, r) in enumerate(rows.items()):
         ax.bar([j + i * width for j in range(len(keys))], [100 * r[k] for k in keys], width, label=name)
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(keys))])
-    names = {"mcq_accuracy": "WordNet MCQ accuracy\n(source)", "target_exact_match": "gsm_symbolic exact match\n(target)"}
+    names = {"mcq_accuracy": "WordNet MCQ accuracy\n(source)",
+             "target_exact_match": "gsm_symbolic exact match\n(target)"}
     ax.set_xticklabels([names[k] for k in keys])
     ax.set_ylabel("%")
     ax.legend(fontsize=8)
@@ -386,38 +416,56 @@ def _demo_plot(rows: dict[str, dict[str, float]], path: Path) -> Path:
 COMMANDS = {"fit": cmd_fit, "finetune": cmd_finetune, "eval": cmd_eval, "bench": cmd_bench, "demo": cmd_demo}
 
 
+def debug_requested(args: argparse.Namespace) -> bool:
+    """``--debug`` or ``LALORA_DEBUG=1``: tracebacks and library logs instead of one-line errors."""
+    return bool(getattr(args, "debug", False)) or os.environ.get(DEBUG_ENV, "").strip() not in ("", "0")
+
+
+def error_line(err: BaseException) -> str:
+    """One line naming the problem: the message's first line, after the exception type unless it is
+    our own :class:`CLIError` (whose messages are written for this line)."""
+    text = str(err).strip()
+    message = text.splitlines()[0] if text else ""
+    if isinstance(err, CLIError):
+        return message or "failed"
+    return f"{type(err).__name__}: {message}" if message else type(err).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit code (usage errors raise ``SystemExit(2)`` as argparse does)."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    debug = getattr(args, "debug", False)
+    problem = usage_problem(args)
+    if problem is not None:
+        args.command_parser.error(problem)  # prints the command's usage and exits 2
+    debug = debug_requested(args)
     logging.basicConfig(level=logging.INFO if debug else logging.WARNING, format="%(name)s: %(message)s")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    if not debug:
-        import warnings
-
-        warnings.filterwarnings("ignore")
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity_error()
-    if getattr(args, "no_progress", False):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    if getattr(args, "threads", None):
-        import torch
-
-        torch.set_num_threads(args.threads)
     try:
+        if not debug:
+            import warnings
+
+            warnings.filterwarnings("ignore")
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+        if getattr(args, "no_progress", False):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()
+        if getattr(args, "threads", None):
+            import torch
+
+            torch.set_num_threads(args.threads)
         return COMMANDS[args.command](args)
     except KeyboardInterrupt:
         print("lalora-curv: interrupted", file=sys.stderr)
-        return 130
-    except Exception as err:  # one clear line unless --debug
+        return EXIT_INTERRUPTED
+    except Exception as err:  # one clear line unless --debug / LALORA_DEBUG=1
         if debug:
             raise
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        print(f"lalora-curv: error: {message}", file=sys.stderr)
-        return 2
+        print(f"lalora-curv: error: {error_line(err)}", file=sys.stderr)
+        return EXIT_RUNTIME_ERROR
 
 
 if __name__ == "__main__":

@@ -1,15 +1,21 @@
-"""Every CLI subcommand through the real entry point, on a tiny Llama saved as a local HF directory."""
+"""Every CLI subcommand through the real entry point, on a tiny Llama saved as a local HF directory;
+exit codes (0 ok, 1 runtime error, 2 usage error), --version and ``python -m lalora_curv``."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lalora_curv.cli import main
+import lalora_curv
+from lalora_curv.cli import CLIError, main
+
+REPO = Path(__file__).resolve().parents[1]
+CONSOLE_SCRIPT = Path(sys.executable).parent / "lalora-curv"
 
 SMALL = ["--no-progress", "--seed", "0", "--task", "basic_arithmetic"]  # short prompts for a char tokenizer
 DATA = ["--n-train", "4", "--batch-size", "2", "--seq-len", "256"]
@@ -56,10 +62,27 @@ def test_demo_writes_table_plot_and_json(tiny_dir, tmp_path):
     assert (out / "demo.md").read_text().startswith("| model |")
 
 
-def test_demo_refuses_lam_with_lam_relative(tiny_dir, tmp_path, capsys):
-    assert main(["demo", "--model", str(tiny_dir), "--lam", "1", "--lam-relative", "1",
-                 "--output-dir", str(tmp_path), *SMALL]) == 2
-    assert "--lam or --lam-relative" in capsys.readouterr().err
+def run_cli(*argv: str, via: str = "module", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """The CLI in a fresh process (``python -m lalora_curv`` or the installed console script), on
+    this checkout's code: PYTHONPATH puts it ahead of whatever checkout the environment installed."""
+    command = [sys.executable, "-m", "lalora_curv"] if via == "module" else [str(CONSOLE_SCRIPT)]
+    environment = {k: v for k, v in os.environ.items() if k != "LALORA_DEBUG"}
+    environment.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
+    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=environment)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["finetune", "--penalty", "lalora"], "--penalty lalora needs --curvature FILE"),
+    (["demo", "--lam", "1", "--lam-relative", "1"], "give --lam or --lam-relative, not both"),
+])
+def test_contradicting_options_are_usage_errors_exit_2(argv, message, capsys):
+    """Found before any work, reported like argparse's own errors: the command's usage, exit 2."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv + ["--no-progress"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"usage: lalora-curv {argv[0]}" in err and f"lalora-curv {argv[0]}: error: {message}" in err
 
 
 def test_relative_strength_makes_the_penalty_a_multiple_of_the_task_loss():
@@ -95,13 +118,12 @@ def test_bench_runs_a_benchmark_module(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["finetune", "--penalty", "lalora"], "needs --curvature"),
     (["eval", "--model", "/nonexistent/model"], "model path does not exist"),
     (["finetune", "--model", "{tiny}", "--curvature", "/nonexistent.safetensors"], "curvature file not found"),
 ])
-def test_errors_are_one_line_without_traceback(argv, message, tiny_dir, capsys):
+def test_runtime_errors_are_one_line_without_traceback_exit_1(argv, message, tiny_dir, capsys):
     argv = [a.replace("{tiny}", str(tiny_dir)) for a in argv]
-    assert main(argv + ["--no-progress"]) == 2
+    assert main(argv + ["--no-progress"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lalora-curv: error:") and message in err[0]
 
@@ -113,13 +135,52 @@ def test_incompatible_saved_curvature_is_one_line(tiny_dir, tmp_path, capsys):
     code = main(["finetune", "--model", str(tiny_dir), "--r", "8", "--curvature", str(curv), "--steps", "1",
                  "--output-dir", str(tmp_path), *DATA, *SMALL])
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2 and len(err) == 1 and "different rank" in err[0]
+    assert code == 1 and len(err) == 1 and "different rank" in err[0]
+
+
+MISSING_CURVATURE = ["finetune", "--penalty", "l2", "--curvature", "/nonexistent/curvature.safetensors",
+                     "--no-progress"]
+
+
+def test_debug_flag_and_environment_show_the_traceback(monkeypatch, capsys):
+    """A runtime error propagates (traceback) with --debug or LALORA_DEBUG=1, and is one line without."""
+    monkeypatch.delenv("LALORA_DEBUG", raising=False)
+    with pytest.raises(CLIError, match="curvature file not found"):
+        main([*MISSING_CURVATURE, "--debug"])
+    monkeypatch.setenv("LALORA_DEBUG", "1")
+    with pytest.raises(CLIError, match="curvature file not found"):
+        main(MISSING_CURVATURE)
+    monkeypatch.setenv("LALORA_DEBUG", "0")
+    assert main(MISSING_CURVATURE) == 1
+    assert capsys.readouterr().err.strip().startswith("lalora-curv: error: curvature file not found")
+
+
+def test_runtime_error_in_a_fresh_process_exits_1_and_usage_error_2():
+    run = run_cli(*MISSING_CURVATURE)
+    assert run.returncode == 1 and "Traceback" not in run.stderr
+    assert run.stderr.strip().splitlines() == ["lalora-curv: error: curvature file not found: "
+                                               "/nonexistent/curvature.safetensors"]
+    run = run_cli(*MISSING_CURVATURE, env={"LALORA_DEBUG": "1"})
+    assert run.returncode == 1 and "Traceback" in run.stderr and "CLIError: curvature file not found" in run.stderr
+    run = run_cli("fit", "--structure", "kfack")
+    assert run.returncode == 2 and "invalid choice: 'kfack'" in run.stderr
+
+
+@pytest.mark.parametrize("via", ["module", "console_script"])
+def test_version_prints_the_package_version(via):
+    run = run_cli("--version", via=via)
+    assert run.returncode == 0 and run.stdout.strip() == f"lalora-curv {lalora_curv.__version__}"
+
+
+def test_python_m_lalora_curv_is_the_cli():
+    run = run_cli("--help")
+    assert run.returncode == 0 and run.stdout.startswith("usage: lalora-curv")
+    assert all(command in run.stdout for command in ("fit", "finetune", "eval", "bench", "demo"))
 
 
 def test_unknown_structure_and_help_via_console_script():
-    exe = Path(sys.executable).parent / "lalora-curv"
-    run = subprocess.run([str(exe), "fit", "--structure", "kfack"], capture_output=True, text=True, timeout=120)
-    assert run.returncode != 0 and "invalid choice: 'kfack'" in run.stderr
+    run = run_cli("fit", "--structure", "kfack", via="console_script")
+    assert run.returncode == 2 and "invalid choice: 'kfack'" in run.stderr
     for sub in ("fit", "finetune", "eval", "bench", "demo"):
-        run = subprocess.run([str(exe), sub, "--help"], capture_output=True, text=True, timeout=120)
+        run = run_cli(sub, "--help", via="console_script")
         assert run.returncode == 0 and "--" in run.stdout
