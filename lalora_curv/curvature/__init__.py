@@ -1,6 +1,6 @@
 """Curvature structures (one module each), fitting, and save/load."""
 
-from .base import CurvatureOperator, DenseTooLargeError, NonFiniteCurvatureError
+from .base import CurvatureOperator, DenseTooLargeError, NonFiniteCurvatureError, SumCurvature
 from .dense import DenseCurvature
 from .diag import DiagCurvature
 from .diag_lowrank import DiagLowRankCurvature
@@ -12,7 +12,6 @@ from .kfac_delta_w import KFACDeltaWCurvature
 from .kfac_tridiag import KFACTridiagCurvature
 from .lowrank import LowRankCurvature
 from .registry import STRUCTURES
-from .sum import SumCurvature
 
 __all__ = [
     "CurvatureOperator", "DenseCurvature", "DiagCurvature", "KFACCurvature", "KFACTridiagCurvature",

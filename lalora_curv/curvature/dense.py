@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import DEFAULT_MAX_DENSE, CurvatureOperator, DenseTooLargeError
+from .base import DEFAULT_MAX_DENSE, CurvatureOperator, DenseTooLargeError, merged_common
 from .statistics import GradientSums
 
 __all__ = ["DenseCurvature", "DenseAccumulator"]
@@ -64,7 +64,7 @@ class DenseCurvature(CurvatureOperator):
 
     def _add_same(self, other):
         if isinstance(other, DenseCurvature):
-            return DenseCurvature(self.matrix + other.matrix, **_merged_common(self, other))
+            return DenseCurvature(self.matrix + other.matrix, **merged_common(self, other))
         return None
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
@@ -90,13 +90,6 @@ class DenseCurvature(CurvatureOperator):
         later = next_smoothed.matrix - self._predict(q).matrix  # information of the later tasks (PSD)
         carried = DenseCurvature(0.5 * (later + later.T), **self._common())._predict(q).matrix
         return DenseCurvature(self.matrix + carried, **self._common())
-
-
-def _merged_common(a: CurvatureOperator, b: CurvatureOperator) -> dict:
-    """Common metadata of an exact sum ``a + b`` (kind and info of both recorded)."""
-    kind = a.kind if a.kind == b.kind else "sum"
-    info = {"sum_of": [a.info, b.info]}
-    return dict(kind=kind, signature=a.signature or b.signature, info=info, damping=max(a.damping, b.damping))
 
 
 class DenseAccumulator(GradientSums):

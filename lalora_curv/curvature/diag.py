@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .base import CurvatureOperator
-from .dense import _merged_common
+from .base import CurvatureOperator, merged_common
 from .statistics import GradientSums
 
 __all__ = ["DiagCurvature", "DiagAccumulator"]
@@ -58,13 +57,7 @@ class DiagCurvature(CurvatureOperator):
 
     def _add_same(self, other):
         if isinstance(other, DiagCurvature):
-            return DiagCurvature(self.diag + other.diag, **_merged_common(self, other))
-        from .lowrank import LowRankCurvature
-
-        if isinstance(other, LowRankCurvature):  # diag + U C U^T is diag_lowrank, exactly
-            from .diag_lowrank import DiagLowRankCurvature
-
-            return DiagLowRankCurvature(self.diag, other.U, other.C, **_merged_common(self, other))
+            return DiagCurvature(self.diag + other.diag, **merged_common(self, other))
         return None
 
     def _add_same_reflected(self, other):

@@ -11,8 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
-from .dense import _merged_common
+from .base import CurvatureOperator, merged_common
 from .diag import DiagCurvature
 from .lowrank import LowRankAccumulator, LowRankCurvature, _check_rank
 
@@ -78,7 +77,7 @@ class DiagLowRankCurvature(CurvatureOperator):
         return DiagLowRankCurvature(alpha * self.D, self.U, alpha * self.C, **self._common())
 
     def _add_same(self, other):
-        common = _merged_common(self, other)
+        common = merged_common(self, other)
         if isinstance(other, DiagLowRankCurvature):
             return DiagLowRankCurvature(self.D + other.D, torch.cat([self.U, other.U], 1),
                                         torch.block_diag(self.C, other.C), **common)
@@ -125,3 +124,9 @@ class DiagLowRankAccumulator(LowRankAccumulator):
         evals, U = self.eigenpairs(common)
         D = (self.sq_sum * self.scale() - (U * U) @ evals).clamp_min(0)
         return DiagLowRankCurvature(D, U, torch.diag(evals), **common)
+
+
+# diag + U C U^T is diag_lowrank, exactly (registered here: diag and lowrank do not know this structure)
+CurvatureOperator.register_sum_rule(
+    DiagCurvature, LowRankCurvature,
+    lambda d, low: DiagLowRankCurvature(d.diag, low.U, low.C, **merged_common(d, low)))

@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
-from .dense import _merged_common
+from .base import CurvatureOperator, merged_common
 from .kronecker import batch_to_rows, rows_to_batch, sym_eigh
 
 __all__ = ["EigenKFACCurvature", "KFAC_NOISE"]
@@ -145,7 +144,7 @@ class EigenKFACCurvature(CurvatureOperator):
                 for a, b in zip(self.grad_vecs + self.input_vecs, other.grad_vecs + other.input_vecs)):
             return EigenKFACCurvature(self.grad_vecs, self.input_vecs,
                                       [a + b for a, b in zip(self.evals, other.evals)], self.blocks,
-                                      **_merged_common(self, other))
+                                      **merged_common(self, other))
         return None
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --

@@ -12,8 +12,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
-from .dense import _merged_common
+from .base import CurvatureOperator, merged_common
 from .statistics import GradientSums
 
 __all__ = ["LowRankCurvature", "LowRankAccumulator", "top_eigenpairs", "kept_rank_info"]
@@ -99,7 +98,7 @@ class LowRankCurvature(CurvatureOperator):
     def _add_same(self, other):
         if isinstance(other, LowRankCurvature):
             return LowRankCurvature(torch.cat([self.U, other.U], 1), torch.block_diag(self.C, other.C),
-                                    **_merged_common(self, other))
+                                    **merged_common(self, other))
         return None
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --

@@ -7,7 +7,7 @@ else (``fit_curvature``'s choices, the CLI, loading files) derives from this lis
 
 from __future__ import annotations
 
-from .base import CurvatureOperator
+from .base import CurvatureOperator, SumCurvature
 from .dense import DenseCurvature
 from .diag import DiagCurvature
 from .diag_lowrank import DiagLowRankCurvature
@@ -16,7 +16,6 @@ from .kfac import KFACCurvature
 from .kfac_delta_w import KFACDeltaWCurvature
 from .kfac_tridiag import KFACTridiagCurvature
 from .lowrank import LowRankCurvature
-from .sum import SumCurvature
 
 __all__ = ["STRUCTURES", "structure_class", "all_structures"]
 
