@@ -245,10 +245,19 @@ class CurvatureOperator:
         return type(self).from_state(tensors, self.state_meta(), self._common() | {"num_params": self.num_params})
 
     def save(self, path) -> None:
-        """Write safetensors + JSON metadata (no pickle), atomically (temp file + rename)."""
+        """Write one safetensors file, JSON metadata in its header (no pickle, no sidecar),
+        atomically (temp file + rename)."""
         from .io import save_curvature
 
         save_curvature(self, path)
+
+    def save_pretrained(self, adapter_dir):
+        """Write the curvature beside a peft adapter: ``adapter_dir/lalora_curvature.safetensors``
+        (``io.CURVATURE_FILENAME``; a non-``"default"`` adapter's subfolder, as peft does). Read it
+        back with ``lc.load_curvature(adapter_dir, lora=...)``. Returns the file's path."""
+        from .io import save_pretrained
+
+        return save_pretrained(self, adapter_dir)
 
     def check_finite(self) -> None:
         for key, t in self.state_tensors().items():

@@ -1,10 +1,17 @@
-"""Save/load curvature operators: safetensors tensors + JSON metadata, no pickle.
+"""Save/load curvature operators: ONE safetensors file, metadata in its header, no pickle.
 
-The file holds every state tensor and, under the metadata key ``lalora_curv``, a JSON document
-with the format version, the structure, the common fields (kind, info, damping, num_params), the
-structure's own metadata and the LoRA registry signature (adapter, parameter names and shapes,
-layer names) it was fitted on. :func:`load_curvature` validates that signature against the
-``LoRAParams`` it is given and names the first mismatch.
+The file holds every state tensor and, under the header metadata key ``lalora_curv``, a JSON
+document with the format version, the structure, the common fields (kind, info, damping,
+num_params), the structure's own metadata and the LoRA registry signature (adapter, parameter
+names and shapes, layer names) it was fitted on. There is no sidecar file. :func:`load_curvature`
+validates that signature against the ``LoRAParams`` it is given and names the first mismatch.
+
+Beside the adapter: :func:`save_pretrained` writes the file as ``lalora_curvature.safetensors``
+(:data:`CURVATURE_FILENAME`) into a peft adapter folder, next to ``adapter_model.safetensors``
+(for a non-``"default"`` adapter into its subfolder, as peft's ``save_pretrained`` does); peft
+neither reads nor removes it, so it survives ``PeftModel.from_pretrained`` and later
+``save_pretrained`` calls into the same folder. :func:`load_curvature` accepts the folder or the
+file.
 """
 
 from __future__ import annotations
@@ -18,10 +25,16 @@ import torch
 
 from .base import CurvatureOperator, NonFiniteCurvatureError
 
-__all__ = ["save_curvature", "load_curvature", "CurvatureFileError", "CurvatureMismatchError", "FORMAT_VERSION"]
+__all__ = ["save_curvature", "save_pretrained", "load_curvature", "curvature_file", "CurvatureFileError",
+           "CurvatureMismatchError", "FORMAT_VERSION", "CURVATURE_FILENAME"]
 
 FORMAT_VERSION = 1
 META_KEY = "lalora_curv"
+#: the curvature's file name inside a peft adapter folder (beside ``adapter_model.safetensors``)
+CURVATURE_FILENAME = "lalora_curvature.safetensors"
+#: peft writes the ``"default"`` adapter at the folder's root, any other adapter into a subfolder
+#: named after it (``PeftModel.save_pretrained``); the curvature follows the same rule
+PEFT_DEFAULT_ADAPTER = "default"
 
 
 class CurvatureFileError(ValueError):
@@ -66,6 +79,44 @@ def save_curvature(curv: CurvatureOperator, path) -> None:
         "meta": curv.state_meta(),
     }
     write_safetensors_atomic(curv.state_tensors(), path, {META_KEY: json.dumps(meta)})
+
+
+def _adapter_subfolder(adapter_dir: Path, adapter_name: str | None) -> Path:
+    if adapter_name and adapter_name != PEFT_DEFAULT_ADAPTER:
+        return adapter_dir / adapter_name
+    return adapter_dir
+
+
+def save_pretrained(curv: CurvatureOperator, adapter_dir) -> Path:
+    """Write ``curv`` into the peft adapter folder ``adapter_dir`` as :data:`CURVATURE_FILENAME`.
+
+    Like peft, a curvature fitted on an adapter other than ``"default"`` goes into the subfolder
+    ``adapter_dir/<adapter_name>``. The folder is created if needed. Returns the file's path.
+    """
+    folder = _adapter_subfolder(Path(adapter_dir), curv.signature.get("adapter_name"))
+    path = folder / CURVATURE_FILENAME
+    save_curvature(curv, path)
+    return path
+
+
+def curvature_file(path, adapter_name: str | None = None) -> Path:
+    """The curvature file that ``path`` names: ``path`` itself if it is not a folder, else the
+    :data:`CURVATURE_FILENAME` in it (or in its ``adapter_name`` subfolder, peft's layout for a
+    non-``"default"`` adapter). A folder without one raises :class:`CurvatureFileError`."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    candidates = [path / CURVATURE_FILENAME]
+    sub = _adapter_subfolder(path, adapter_name)
+    if sub != path:
+        candidates.append(sub / CURVATURE_FILENAME)
+    for candidate in candidates:
+        if candidate.is_file():
+            return candidate
+    raise CurvatureFileError(
+        f"the folder {path} holds no curvature: expected {CURVATURE_FILENAME!r} in it"
+        + (f" or in its adapter subfolder {sub.name!r}" if sub != path else "")
+        + " (written by curv.save_pretrained(adapter_dir))")
 
 
 def _read(path: Path):
@@ -121,15 +172,17 @@ def validate_signature(saved: dict, lora, *, what: str = "curvature") -> None:
 
 
 def load_curvature(path, lora=None, *, device=None, structure: str | None = None) -> CurvatureOperator:
-    """Load a curvature saved with ``curv.save(path)``.
+    """Load a curvature saved with ``curv.save(path)`` or ``curv.save_pretrained(adapter_dir)``.
 
     Args:
-        path: the ``.safetensors`` file.
+        path: the ``.safetensors`` file, or a peft adapter folder holding
+            :data:`CURVATURE_FILENAME` (for a non-``"default"`` adapter, ``lora``'s adapter
+            subfolder is looked in too).
         lora: a :class:`~lalora_curv.LoRAParams` to validate against (adapter, names, shapes).
         device: where to put the tensors (default CPU).
         structure: if given, the structure the file must hold.
     """
-    path = Path(path)
+    path = curvature_file(path, getattr(lora, "adapter_name", None))
     tensors, meta = _read(path)
     name = meta.get("structure")
     cls = CurvatureOperator.registry.get(name)

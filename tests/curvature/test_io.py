@@ -140,3 +140,57 @@ def test_nan_curvature_raises_at_fit_time():
         lc.fit_curvature(model, [(X, y)], structure="kfac", progress=False)
     with pytest.raises(lc.NonFiniteCurvatureError, match="NaN"):
         lc.fit_curvature(model, [(X, y)], structure="diag", progress=False)
+
+
+# ------------------------------------------------------------------ saved beside the adapter (issue 16)
+def test_save_pretrained_beside_adapter_survives_peft_round_trips(setup, tmp_path):
+    from peft import PeftModel
+
+    from lalora_curv.curvature.io import CURVATURE_FILENAME
+
+    model, lora, ops = setup
+    adapter_dir = tmp_path / "adapter"
+    model.save_pretrained(adapter_dir)
+    written = ops["kfac"].save_pretrained(adapter_dir)
+    assert written == adapter_dir / CURVATURE_FILENAME == adapter_dir / "lalora_curvature.safetensors"
+    # one file, metadata in its header: nothing but peft's files and ours
+    ours = {p.name for p in adapter_dir.iterdir()} - {"adapter_model.safetensors", "adapter_config.json",
+                                                      "README.md"}
+    assert ours == {CURVATURE_FILENAME}
+
+    def reloaded_matches(folder, lora_now):
+        for source in (folder, folder / CURVATURE_FILENAME):  # a folder or the file
+            loaded = lc.load_curvature(source, lora=lora_now)
+            a, b = ops["kfac"].state_tensors(), loaded.state_tensors()
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    base = make_tiny_lm().unload()  # same base weights (same seed), LoRA removed
+    peft_model = PeftModel.from_pretrained(base, adapter_dir, is_trainable=True)
+    lora_loaded = lc.LoRAParams.from_model(peft_model)
+    reloaded_matches(adapter_dir, lora_loaded)
+    peft_model.save_pretrained(adapter_dir)  # a second save into the same folder keeps the curvature
+    reloaded_matches(adapter_dir, lora_loaded)
+    with pytest.raises(CurvatureMismatchError, match="rank"):
+        lc.load_curvature(adapter_dir, lora=lc.LoRAParams.from_model(make_tiny_lm(r=4)))
+
+
+def test_load_from_folder_without_curvature_names_folder_and_file(tmp_path, setup):
+    model, lora, _ = setup
+    model.save_pretrained(tmp_path / "plain_adapter")
+    with pytest.raises(CurvatureFileError, match=r"plain_adapter.*lalora_curvature\.safetensors"):
+        lc.load_curvature(tmp_path / "plain_adapter", lora=lora)
+
+
+def test_save_pretrained_follows_peft_layout_for_named_adapters(tmp_path):
+    from peft import LoraConfig
+
+    model = make_tiny_lm()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    model.set_adapter("other")
+    lora = lc.LoRAParams.from_model(model, adapter_name="other")
+    curv = lc.fit_curvature(model, [make_lm_batch(seed=3)], structure="diag", lora=lora, progress=False)
+    model.save_pretrained(tmp_path)
+    path = curv.save_pretrained(tmp_path)
+    assert path.parent == tmp_path / "other" and (tmp_path / "other" / "adapter_model.safetensors").is_file()
+    loaded = lc.load_curvature(tmp_path, lora=lora)
+    assert torch.equal(loaded.diag, curv.diag)
