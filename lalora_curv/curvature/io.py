@@ -45,13 +45,41 @@ class CurvatureMismatchError(ValueError):
     """A saved curvature does not fit the model's LoRA registry (adapter, names, shapes, structure)."""
 
 
+def _current_umask() -> int:
+    """The process umask (``os.umask`` can only be read by setting it: set and restore at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path, *, directory: bool = False) -> None:
+    """Flush ``path`` to disk. For a directory (after a rename) this is best effort: some
+    platforms/filesystems cannot open or fsync directories."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        if directory:
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not directory:
+            raise
+    finally:
+        os.close(fd)
+
+
 def write_safetensors_atomic(tensors: dict, path, metadata: dict[str, str]) -> None:
     """Write ``tensors`` (any device) with string ``metadata`` to ``path`` atomically: a temp file
-    in the same folder, then ``os.replace``; a failure leaves any previous file untouched.
+    in the same folder, fsynced, then ``os.replace`` (then the folder is fsynced where supported);
+    a failure leaves any previous file untouched. The file gets the permissions a plain ``open``
+    would give (``0o666`` minus the umask; the temp file starts as ``0o600``). If ``path`` is a
+    symlink, its final target is written and the link stays a link.
     safetensors refuses tensors sharing storage, so repeats are stored as copies."""
     from safetensors.torch import save_file
 
-    path = Path(path)
+    path = Path(os.path.realpath(path))  # write through symlinks: replace the target, not the link
     path.parent.mkdir(parents=True, exist_ok=True)
     out, seen = {}, set()
     for key, t in tensors.items():
@@ -63,11 +91,14 @@ def write_safetensors_atomic(tensors: dict, path, metadata: dict[str, str]) -> N
     os.close(fd)
     try:
         save_file(out, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_current_umask())
+        _fsync_path(tmp)  # the data is on disk before the rename makes it visible
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    _fsync_path(path.parent, directory=True)  # the rename itself survives a crash
 
 
 def save_curvature(curv: CurvatureOperator, path) -> None:

@@ -194,3 +194,56 @@ def test_save_pretrained_follows_peft_layout_for_named_adapters(tmp_path):
     assert path.parent == tmp_path / "other" and (tmp_path / "other" / "adapter_model.safetensors").is_file()
     loaded = lc.load_curvature(tmp_path, lora=lora)
     assert torch.equal(loaded.diag, curv.diag)
+
+
+# ------------------------------------------------------------------ how the file is written (defect 14)
+def test_saved_file_follows_the_umask(setup, tmp_path):
+    import os
+    import stat
+
+    _, _, ops = setup
+    old = os.umask(0o022)
+    try:
+        ops["diag"].save(tmp_path / "a.safetensors")
+        os.umask(0o077)
+        ops["diag"].save(tmp_path / "b.safetensors")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.safetensors").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.safetensors").stat().st_mode) == 0o600
+
+
+def test_fsync_of_the_file_precedes_the_rename(setup, tmp_path, monkeypatch):
+    import os
+
+    _, _, ops = setup
+    calls = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        is_dir = os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else None
+        calls.append(("fsync_dir" if is_dir else "fsync_file"))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        calls.append("replace")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    ops["diag"].save(tmp_path / "c.safetensors")
+    assert "replace" in calls and "fsync_file" in calls[: calls.index("replace")], calls
+    assert "fsync_dir" in calls[calls.index("replace"):], calls
+
+
+def test_symlinked_target_is_written_through(setup, tmp_path):
+    _, lora, ops = setup
+    real = tmp_path / "store" / "curv.safetensors"
+    real.parent.mkdir()
+    ops["diag"].save(real)
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(real)
+    ops["kfac"].save(link)
+    assert link.is_symlink() and link.resolve() == real.resolve()
+    assert lc.load_curvature(real, lora=lora).structure == "kfac"
+    assert not list(real.parent.glob(".tmp-*")) and not list(tmp_path.glob(".tmp-*"))
