@@ -77,6 +77,13 @@ class CurvatureOperator:
         """All tensors of the state (serialized with safetensors)."""
         raise NotImplementedError
 
+    def psd_parts(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The state that makes ``P`` PSD by the structure's construction: ``(vectors, matrices)``,
+        every vector entry must be >= 0 and every (square) matrix symmetric PSD. ``load_curvature``
+        checks them to roundoff and refuses a file that breaks them."""
+        raise NotImplementedError(f"structure {self.structure!r} ({type(self).__name__}) does not declare "
+                                  "psd_parts(), so its PSD-ness cannot be checked")
+
     def state_meta(self) -> dict[str, Any]:
         """Structure-specific JSON metadata needed by :meth:`from_state` (besides the common keys)."""
         return {}

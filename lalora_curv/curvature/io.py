@@ -22,10 +22,11 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch import Tensor
 
 from .base import CurvatureOperator, NonFiniteCurvatureError
 
-__all__ = ["save_curvature", "save_pretrained", "load_curvature", "curvature_file", "CurvatureFileError",
+__all__ = ["save_curvature", "save_pretrained", "load_curvature", "curvature_file", "check_psd", "CurvatureFileError",
            "CurvatureMismatchError", "FORMAT_VERSION", "CURVATURE_FILENAME"]
 
 FORMAT_VERSION = 1
@@ -101,8 +102,30 @@ def write_safetensors_atomic(tensors: dict, path, metadata: dict[str, str]) -> N
     _fsync_path(path.parent, directory=True)  # the rename itself survives a crash
 
 
+def _state_dtype_problem(tensors: dict[str, Tensor]) -> str | None:
+    """Why a state cannot be saved/loaded as is (non-floating or mixed float dtypes), or None."""
+    if not tensors:
+        return "the state has no tensors"
+    wrong = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
+    if wrong:
+        return f"state tensors must be floating point, got {', '.join(wrong[:3])}"
+    dtypes: dict[torch.dtype, str] = {}
+    for k, t in tensors.items():
+        dtypes.setdefault(t.dtype, k)
+    if len(dtypes) > 1:
+        listed = ", ".join(f"{dt} (e.g. {k!r})" for dt, k in dtypes.items())
+        return f"state tensors have mixed float dtypes: {listed}; one operator has one dtype"
+    return None
+
+
 def save_curvature(curv: CurvatureOperator, path) -> None:
-    """Write ``curv`` to ``path`` atomically (temp file in the same folder, then rename)."""
+    """Write ``curv`` to ``path`` atomically (temp file in the same folder, then rename).
+
+    Refuses (``ValueError``) a state of mixed float dtypes, which :func:`load_curvature` would
+    refuse: cast first with ``curv.to(dtype=...)``."""
+    problem = _state_dtype_problem(curv.state_tensors())
+    if problem:
+        raise ValueError(f"cannot save this {curv.structure} curvature: {problem} (cast with curv.to(dtype=...))")
     meta = {
         "format": FORMAT_VERSION,
         "structure": curv.structure,
@@ -167,10 +190,103 @@ def _read(path: Path):
         meta = json.loads(header[META_KEY])
     except json.JSONDecodeError as exc:
         raise CurvatureFileError(f"{path}: corrupted curvature metadata ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CurvatureFileError(f"{path}: malformed curvature metadata: a JSON {type(meta).__name__}, "
+                                 "expected an object")
     if meta.get("format") != FORMAT_VERSION:
         raise CurvatureFileError(f"{path}: unsupported curvature format {meta.get('format')!r} "
                                  f"(this version reads format {FORMAT_VERSION})")
+    _check_metadata(meta, path)
     return tensors, meta
+
+
+# JSON types of the metadata fields (a bool never passes for a number)
+_TOP_FIELDS = {"format": int, "structure": str, "common": dict, "meta": dict}
+_COMMON_FIELDS = {"kind": str, "signature": dict, "info": dict, "damping": (int, float), "num_params": int}
+_SIGNATURE_FIELDS = {"adapter_name": str, "names": list, "shapes": list, "layers": list}
+
+
+def _require_fields(obj: dict, fields: dict, path: Path, where: str) -> None:
+    for key, types in fields.items():
+        if key not in obj:
+            raise CurvatureFileError(f"{path}: malformed curvature metadata: {where} has no {key!r}")
+        value = obj[key]
+        if isinstance(value, bool) or not isinstance(value, types):
+            expected = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise CurvatureFileError(f"{path}: malformed curvature metadata: {where}[{key!r}] is a JSON "
+                                     f"{type(value).__name__} ({value!r:.60}), expected {expected}")
+
+
+def _check_metadata(meta: dict, path: Path) -> None:
+    """Every key ``load_curvature`` reads, with its JSON type; a missing signature is refused."""
+    _require_fields(meta, _TOP_FIELDS, path, "the document")
+    _require_fields(meta["common"], _COMMON_FIELDS, path, "'common'")
+    signature = meta["common"]["signature"]
+    if not signature:  # an operator built by hand, never fitted on a model: nothing to validate
+        return
+    _require_fields(signature, _SIGNATURE_FIELDS, path, "the signature")
+    names, shapes, layers = signature["names"], signature["shapes"], signature["layers"]
+    if not all(isinstance(n, str) for n in names) or not all(isinstance(n, str) for n in layers):
+        raise CurvatureFileError(f"{path}: malformed curvature metadata: signature names/layers must be strings")
+    if len(shapes) != len(names) or not all(
+            isinstance(s, list) and all(isinstance(x, int) and not isinstance(x, bool) for x in s) for s in shapes):
+        raise CurvatureFileError(f"{path}: malformed curvature metadata: signature shapes must be one list of "
+                                 f"integers per name ({len(names)} names, {len(shapes)} shapes)")
+
+
+def _tensor_name(curv: CurvatureOperator, t: Tensor) -> str:
+    """The state key of ``t`` (or of the tensor it is a view of), for error messages."""
+    for key, s in curv.state_tensors().items():
+        if s.data_ptr() == t.data_ptr() and s.numel() == t.numel():
+            return repr(key)
+    return f"a {tuple(t.shape)} tensor"
+
+
+def _psd_tolerance(dtype: torch.dtype) -> float:
+    """Relative roundoff allowance: 100 machine epsilons of the state's dtype."""
+    return 100 * torch.finfo(dtype).eps
+
+
+def check_psd(curv: CurvatureOperator, path) -> None:
+    """Raise :class:`CurvatureFileError` unless ``curv``'s ``psd_parts()`` hold to roundoff.
+
+    Vectors: no entry below ``-tol * max|entry|``. Matrices: symmetric to ``sqrt(eps)`` relative
+    and no eigenvalue below ``-tol * ||M||_F`` (tested by a Cholesky of ``M + tol ||M||_F I``,
+    ``O(d^3)`` like one factorization; eigenvalues are computed only to report a failure).
+    ``tol = 100 eps`` of the dtype (half precision is checked in fp32).
+    """
+    try:
+        vectors, matrices = curv.psd_parts()
+    except NotImplementedError as exc:
+        raise CurvatureFileError(f"{path}: cannot check that the curvature is PSD: {exc}") from None
+    for v in vectors:
+        tol = _psd_tolerance(v.dtype)
+        low, scale = v.min(), v.abs().max()
+        if v.numel() and float(low) < -tol * float(scale):
+            raise CurvatureFileError(
+                f"{path}: the {curv.structure} curvature is not PSD: state {_tensor_name(curv, v)} has a negative "
+                f"entry {float(low):.4g} (beyond roundoff: below -{tol:.1e} x max |entry| {float(scale):.4g})")
+    for M in matrices:
+        where = f"state {_tensor_name(curv, M)}"
+        if M.ndim != 2 or M.shape[0] != M.shape[1]:
+            raise CurvatureFileError(f"{path}: {where} must be a square matrix, got shape {tuple(M.shape)}")
+        work = M if M.dtype in (torch.float32, torch.float64) else M.float()
+        tol = _psd_tolerance(M.dtype)
+        scale = float(torch.linalg.matrix_norm(work))
+        if scale == 0.0:
+            continue  # the zero matrix (e.g. K-FAC A-blocks at B = 0) is PSD
+        asym = float((work - work.T).abs().max())
+        if asym > torch.finfo(M.dtype).eps ** 0.5 * float(work.abs().max()):
+            raise CurvatureFileError(f"{path}: the {curv.structure} curvature is not symmetric: {where} has "
+                                     f"|M - M^T| up to {asym:.4g}")
+        sym = 0.5 * (work + work.T)
+        eye = torch.eye(sym.shape[0], dtype=sym.dtype, device=sym.device)
+        _, info = torch.linalg.cholesky_ex(sym + tol * scale * eye)
+        if int(info) != 0:
+            lowest = float(torch.linalg.eigvalsh(sym.double()).min())
+            raise CurvatureFileError(
+                f"{path}: the {curv.structure} curvature is not PSD: {where} has eigenvalue {lowest:.4g} (beyond "
+                f"roundoff: below -{tol:.1e} x ||M||_F {scale:.4g})")
 
 
 def validate_signature(saved: dict, lora, *, what: str = "curvature") -> None:
@@ -202,7 +318,8 @@ def validate_signature(saved: dict, lora, *, what: str = "curvature") -> None:
                 f"but {tuple(c_shape)} in the model (different rank or layer size?)")
 
 
-def load_curvature(path, lora=None, *, device=None, structure: str | None = None) -> CurvatureOperator:
+def load_curvature(path, lora=None, *, device=None, structure: str | None = None,
+                   validate_psd: bool = True) -> CurvatureOperator:
     """Load a curvature saved with ``curv.save(path)`` or ``curv.save_pretrained(adapter_dir)``.
 
     Args:
@@ -212,6 +329,15 @@ def load_curvature(path, lora=None, *, device=None, structure: str | None = None
         lora: a :class:`~lalora_curv.LoRAParams` to validate against (adapter, names, shapes).
         device: where to put the tensors (default CPU).
         structure: if given, the structure the file must hold.
+        validate_psd: check that the operator is PSD (:func:`check_psd`; one ``O(d^3)``
+            factorization per factor matrix). Pass False only for files you trust.
+
+    Raises :class:`CurvatureFileError` (naming the file and the problem) for a missing,
+    truncated, corrupted or foreign file, malformed metadata (a missing key or a wrong JSON
+    type), a missing signature (or an empty one when ``lora`` is given), non-floating or mixed
+    float state dtypes, or a state that is not PSD beyond roundoff;
+    :class:`CurvatureMismatchError` when the file does not fit ``lora`` or ``structure``;
+    :class:`NonFiniteCurvatureError` for NaN/inf.
     """
     path = curvature_file(path, getattr(lora, "adapter_name", None))
     tensors, meta = _read(path)
@@ -222,7 +348,13 @@ def load_curvature(path, lora=None, *, device=None, structure: str | None = None
     if structure is not None and structure != name:
         raise CurvatureMismatchError(f"{path} holds a {name!r} curvature, expected {structure!r}")
     common = dict(meta["common"])
-    validate_signature(common.get("signature", {}), lora)
+    if lora is not None and not common["signature"]:
+        raise CurvatureFileError(f"{path}: the curvature has no LoRA signature (built by hand, never fitted on a "
+                                 "model), so it cannot be validated against lora; load it with lora=None")
+    validate_signature(common["signature"], lora)
+    problem = _state_dtype_problem(tensors)
+    if problem:
+        raise CurvatureFileError(f"{path}: wrong dtype: {problem}")
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteCurvatureError(f"{path}: state tensor {key!r} contains NaN/inf")
@@ -233,4 +365,6 @@ def load_curvature(path, lora=None, *, device=None, structure: str | None = None
     if curv.num_params != common.get("num_params"):
         raise CurvatureFileError(f"{path}: state has {curv.num_params} parameters, metadata says "
                                  f"{common.get('num_params')}")
+    if validate_psd:
+        check_psd(curv, path)
     return curv.to(device) if device is not None else curv

@@ -247,3 +247,143 @@ def test_symlinked_target_is_written_through(setup, tmp_path):
     assert link.is_symlink() and link.resolve() == real.resolve()
     assert lc.load_curvature(real, lora=lora).structure == "kfac"
     assert not list(real.parent.glob(".tmp-*")) and not list(tmp_path.glob(".tmp-*"))
+
+
+# ------------------------------------------------------------------ load validation (defect 6)
+def _rewrite(src, dst, *, edit_tensors=None, edit_meta=None, raw_meta=None):
+    """Copy a saved curvature with its tensors and/or its JSON metadata edited."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(src), framework="pt") as f:
+        header = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(header["lalora_curv"])
+    if edit_tensors:
+        edit_tensors(tensors)
+    if edit_meta:
+        edit_meta(meta)
+    save_file(tensors, str(dst), metadata={"lalora_curv": raw_meta if raw_meta is not None else json.dumps(meta)})
+    return dst
+
+
+def _deep_copy(op):
+    return type(op).from_state({k: v.clone() for k, v in op.state_tensors().items()}, op.state_meta(),
+                               op._common() | {"num_params": op.num_params})
+
+
+def _with_eigen_kfac(ops):
+    eigen_cls = lc.CurvatureOperator.registry["eigen_kfac"]  # wherever the class lives
+    return {**ops, "sum": ops["kfac"] + 0.5 * ops["kfac_tridiag"], "eigen_kfac": eigen_cls.from_kfac(ops["kfac"])}
+
+
+@pytest.mark.parametrize("structure", ALL + ["sum", "eigen_kfac"])
+def test_every_structure_declares_psd_parts_and_loading_refuses_a_broken_one(setup, tmp_path, structure):
+    _, lora, ops = setup
+    op = _deep_copy(_with_eigen_kfac(ops)[structure])
+    vectors, matrices = op.psd_parts()
+    assert vectors or matrices
+    ok = tmp_path / "ok.safetensors"
+    op.save(ok)
+    lc.load_curvature(ok, lora=lora)  # a fitted operator passes
+    # break the last part: a vector entry below zero, or a matrix with a negative eigenvalue
+    if matrices:
+        M = matrices[-1]
+        M[0, 0] -= 2 * float(torch.linalg.matrix_norm(M)) + 1.0
+    else:
+        v = vectors[-1]
+        v.view(-1)[0] = -(float(v.abs().max()) + 1.0)
+    bad = tmp_path / "bad.safetensors"
+    op.save(bad)
+    with pytest.raises(CurvatureFileError, match=r"bad\.safetensors.*not PSD"):
+        lc.load_curvature(bad, lora=lora)
+    assert lc.load_curvature(bad, lora=lora, validate_psd=False).structure == op.structure
+
+
+def test_base_psd_parts_names_the_structure():
+    class Unchecked(lc.CurvatureOperator):
+        pass
+
+    with pytest.raises(NotImplementedError, match="'base'.*Unchecked"):
+        Unchecked(3, kind="ggn").psd_parts()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_psd_tolerance_is_roundoff_not_more(tmp_path, dtype):
+    from lalora_curv.curvature.dense import DenseCurvature
+
+    eps = torch.finfo(dtype).eps
+    Q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+
+    def with_lowest(relative):
+        evals = torch.tensor([1.0, 0.5, 0.2, 0.1, 0.0, relative], dtype=torch.float64)
+        M = (Q * evals) @ Q.T
+        M = (0.5 * (M + M.T)).to(dtype)
+        path = tmp_path / f"dense_{relative}.safetensors"
+        DenseCurvature(M, kind="ggn").save(path)
+        return path
+
+    lc.load_curvature(with_lowest(-20 * eps))  # roundoff of a rank-deficient fit: accepted
+    with pytest.raises(CurvatureFileError, match="not PSD.*eigenvalue"):
+        lc.load_curvature(with_lowest(-1000 * eps))
+
+
+def test_wrong_dtypes_are_refused(setup, tmp_path):
+    _, lora, ops = setup
+    path = tmp_path / "k.safetensors"
+    ops["kfac"].save(path)
+
+    def to_int(ts):
+        ts["grad.0"] = ts["grad.0"].round().to(torch.int64)
+
+    def mixed(ts):
+        ts["grad.0"] = ts["grad.0"].to(torch.float64 if ts["grad.0"].dtype == torch.float32 else torch.float32)
+
+    with pytest.raises(CurvatureFileError, match=r"i\.safetensors.*floating point.*grad\.0"):
+        lc.load_curvature(_rewrite(path, tmp_path / "i.safetensors", edit_tensors=to_int), lora=lora)
+    with pytest.raises(CurvatureFileError, match=r"m\.safetensors.*mixed float dtypes"):
+        lc.load_curvature(_rewrite(path, tmp_path / "m.safetensors", edit_tensors=mixed), lora=lora)
+    mixed_op = _deep_copy(ops["kfac"])
+    mixed_op.grad_factors[0] = mixed_op.grad_factors[0].to(torch.float16)
+    with pytest.raises(ValueError, match="mixed float dtypes"):  # refused when saving already
+        mixed_op.save(tmp_path / "never.safetensors")
+
+
+def test_missing_signature_is_refused(setup, tmp_path):
+    _, lora, ops = setup
+    path = tmp_path / "d.safetensors"
+    ops["diag"].save(path)
+
+    def drop(meta):
+        del meta["common"]["signature"]
+
+    def empty(meta):
+        meta["common"]["signature"] = {}
+
+    with pytest.raises(CurvatureFileError, match=r"n\.safetensors.*no 'signature'"):
+        lc.load_curvature(_rewrite(path, tmp_path / "n.safetensors", edit_meta=drop))
+    unsigned = _rewrite(path, tmp_path / "e.safetensors", edit_meta=empty)
+    with pytest.raises(CurvatureFileError, match=r"e\.safetensors.*no LoRA signature"):
+        lc.load_curvature(unsigned, lora=lora)
+    assert lc.load_curvature(unsigned).structure == "diag"  # a hand-built operator without lora is fine
+
+
+@pytest.mark.parametrize("case, message", [
+    (lambda m: m["common"].pop("kind"), "'common' has no 'kind'"),
+    (lambda m: m["common"].update(damping="0.1"), r"'common'\['damping'\] is a JSON str"),
+    (lambda m: m["common"].update(num_params=True), r"'common'\['num_params'\] is a JSON bool"),
+    (lambda m: m.update(meta=[1]), r"\['meta'\] is a JSON list"),
+    (lambda m: m.pop("structure"), "has no 'structure'"),
+    (lambda m: m["common"]["signature"].update(names="q_proj"), r"signature\['names'\] is a JSON str"),
+    (lambda m: m["common"]["signature"]["shapes"].pop(), "one list of integers per name"),
+    (lambda m: m["common"].update(info=None), r"'common'\['info'\] is a JSON NoneType"),
+])
+def test_malformed_metadata_is_refused(setup, tmp_path, case, message):
+    _, _, ops = setup
+    path = tmp_path / "d.safetensors"
+    ops["diag"].save(path)
+    bad = _rewrite(path, tmp_path / "bad.safetensors", edit_meta=case)
+    with pytest.raises(CurvatureFileError, match=r"bad\.safetensors: malformed curvature metadata.*" + message):
+        lc.load_curvature(bad)
+    with pytest.raises(CurvatureFileError, match="malformed curvature metadata: a JSON list"):
+        lc.load_curvature(_rewrite(path, tmp_path / "list.safetensors", raw_meta="[1, 2]"))
