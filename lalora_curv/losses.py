@@ -16,6 +16,8 @@ Every kind is written as ``P = (1/M) sum_m sum_k J_m^T r_mk r_mk^T J_m`` with *b
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping
 
@@ -76,13 +78,115 @@ def batch_to_device(batch: Any, device: torch.device):
     )
 
 
+# batch keys that are ours, not model inputs: labels are consumed to build the terms
+_CONSUMED_KEYS = ("labels",)
+
+
+def _forward_keywords(model: nn.Module) -> tuple[set[str], bool]:
+    """``(names, open_kwargs)``: the keyword inputs ``model``'s forward accepts.
+
+    peft wrappers forward ``**kwargs`` to the base model, so the base model's forward is read too
+    (and (Distributed)DataParallel's wrapped module's).
+    A ``**kwargs: Unpack[SomeTypedDict]`` (transformers' ``TransformersKwargs``) adds that
+    TypedDict's keys; a bare ``**kwargs`` (undeclared) sets ``open_kwargs``: any key is accepted.
+    """
+    while isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+        model = model.module  # (*inputs, **kwargs) wrappers: the wrapped model decides
+    forwards = [model.forward]
+    get_base = getattr(model, "get_base_model", None)
+    if callable(get_base):
+        base = get_base()
+        if base is not model:
+            forwards.append(base.forward)
+    names: set[str] = set()
+    open_kwargs = False
+    for position, forward in enumerate(forwards):
+        try:
+            params = inspect.signature(forward).parameters.values()
+        except (TypeError, ValueError):  # builtins / C extensions: nothing to read
+            return names, True
+        wrapper_with_base = position == 0 and len(forwards) > 1
+        for p in params:
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY):
+                names.add(p.name)
+            elif p.kind == p.VAR_KEYWORD and not wrapper_with_base:
+                declared = _typed_kwargs(p.annotation)
+                if declared is None:
+                    open_kwargs = True
+                else:
+                    names |= declared
+    return names, open_kwargs
+
+
+def _typed_kwargs(annotation) -> set[str] | None:
+    """Keys of ``Unpack[TD]`` for a TypedDict ``TD``, else None (undeclared)."""
+    if typing.get_origin(annotation) is typing.Unpack:
+        (td,) = typing.get_args(annotation)
+        if typing.is_typeddict(td):
+            return set(td.__required_keys__) | set(td.__optional_keys__)
+    return None
+
+
+def _model_inputs(model: nn.Module, batch: Mapping) -> dict[str, Any]:
+    """The batch's model inputs besides ``input_ids``/``attention_mask``; a key the forward does
+    not accept is refused by name (never silently dropped)."""
+    extra = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", *_CONSUMED_KEYS)}
+    if not extra:
+        return extra
+    names, open_kwargs = _forward_keywords(model)
+    refused = sorted(k for k in extra if k not in names)
+    if refused and not open_kwargs:
+        raise ValueError(
+            f"batch key(s) {refused} are not inputs of {type(model).__name__}'s forward, and are not "
+            "'labels': remove them from the batch (e.g. with the collator's remove_unused_columns) "
+            "rather than have them ignored silently")
+    return extra
+
+
+def _check_labels(labels: Tensor, num_classes: int | None, what: str) -> None:
+    """Labels are class/token ids in ``[0, num_classes)`` or ``-100`` (ignored); nothing else.
+    ``num_classes=None`` checks the lower bound only."""
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{what} must be an integer tensor of class ids (or -100), got {labels.dtype}")
+    negative = labels[(labels < 0) & (labels != IGNORE_INDEX)]
+    if negative.numel():
+        raise ValueError(f"{what} contain {int(negative[0])}: a label is a class/token id >= 0 or {IGNORE_INDEX} "
+                         "(ignored); no other negative value is allowed")
+    if num_classes is not None:
+        too_large = labels[labels >= num_classes]
+        if too_large.numel():
+            raise ValueError(f"{what} contain {int(too_large[0])}, but the model has {num_classes} classes "
+                             f"(logits' last dimension): a label must be < {num_classes} (or {IGNORE_INDEX})")
+
+
+def _left_padding_positions(attention_mask: Tensor) -> Tensor | None:
+    """Position ids that count attended tokens (``cumsum(mask) - 1``), as ``generate`` builds them,
+    when some row has padding before an attended token (left padding); else None (the model's
+    default ``0..T-1`` is already right)."""
+    attended = attention_mask != 0
+    seen = attended.long().cumsum(-1)
+    padding_before_token = (~attended & (seen < seen[:, -1:])).any()
+    if not bool(padding_before_token):
+        return None
+    return (seen - 1).clamp_min(0)
+
+
 def forward_terms(model: nn.Module, batch: Any) -> Terms:
     """Run the model on ``batch`` and return its prediction terms.
 
     ``batch`` is a dict with ``input_ids`` (``LongTensor[N, T]``), optional ``attention_mask``
-    and ``labels`` (``-100`` = ignored; defaults to ``input_ids`` masked by attention), or an
-    ``(X, y)`` tuple for a classifier returning logits ``(N, C)``. Tensors are moved to the
-    model's device.
+    (``[N, T]``, nonzero = attended) and ``labels`` (``-100`` = ignored; defaults to
+    ``input_ids`` masked by attention), or an ``(X, y)`` tuple for a classifier returning logits
+    ``(N, C)``. Tensors are moved to the model's device.
+
+    Causal LMs: position ``t`` is a term when ``labels[t+1] != -100`` and both ``t`` (its input)
+    and ``t+1`` (its label) are attended, so left-padded, right-padded and unpadded copies of the
+    same tokens give the same terms (SEMANTICS §1). Every other key of the dict (``position_ids``
+    of packed sequences, ...) is passed to the model; a key its forward does not accept raises
+    ``ValueError`` naming it. Without ``position_ids``, a left-padded batch gets position ids that
+    count attended tokens (as ``generate`` does), so absolute-position models see the same
+    positions as unpadded. Labels must be ``-100`` or ids in ``[0, C)`` with ``C`` the logits'
+    last dimension: anything else raises ``ValueError`` naming the value.
     """
     device = _model_device(model)
     batch = batch_to_device(batch, device)
@@ -92,18 +196,33 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
         input_ids = batch["input_ids"]
         if input_ids.dtype not in (torch.long, torch.int32, torch.int64):
             raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.ndim != 2:
+            raise ValueError(f"input_ids must be (N, T), got shape {tuple(input_ids.shape)}")
         attention_mask = batch.get("attention_mask")
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                             f"{tuple(input_ids.shape)}")
         labels = batch.get("labels")
         if labels is None:
             labels = input_ids.masked_fill(attention_mask == 0, IGNORE_INDEX)
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels shape {tuple(labels.shape)} != input_ids shape {tuple(input_ids.shape)}")
-        out = model(input_ids=input_ids, attention_mask=attention_mask)
+        _check_labels(labels, None, "labels")
+        inputs = _model_inputs(model, batch)
+        if "position_ids" not in inputs:
+            positions = _left_padding_positions(attention_mask)
+            if positions is not None and "position_ids" in _forward_keywords(model)[0]:
+                inputs["position_ids"] = positions
+        out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
         logits = out.logits if hasattr(out, "logits") else out[0]
+        _check_labels(labels, logits.shape[-1], "labels")
         shifted_labels = labels[:, 1:]
-        mask = (shifted_labels != IGNORE_INDEX) & (attention_mask[:, 1:] != 0)
+        attended = attention_mask != 0
+        # a term needs a real input token (t) and a real label token (t+1): with left padding the
+        # last pad would otherwise "predict" the first real token
+        mask = (shifted_labels != IGNORE_INDEX) & attended[:, 1:] & attended[:, :-1]
         N, T = input_ids.shape
         seq = torch.arange(N, device=device)[:, None].expand(N, T - 1)
         return Terms(
@@ -111,16 +230,22 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
             targets=shifted_labels[mask],
             seq_index=seq[mask],
             num_sequences=N,
-            position_mask=attention_mask != 0,
+            position_mask=attended,
         )
+    if len(batch) != 2:
+        raise ValueError(f"a classifier batch is an (X, y) pair, got {len(batch)} items")
     X, y = batch
     model_dtype = _model_dtype(model)
     if X.is_floating_point() and model_dtype is not None and X.dtype != model_dtype:
         raise TypeError(f"batch inputs are {X.dtype} but the model's parameters are {model_dtype}: cast the "
                         f"inputs (X.to({model_dtype})) or the model")
+    _check_labels(y, None, "classifier labels y")
     logits = model(X)
     if logits.ndim != 2:
         raise ValueError(f"classifier batches need logits of shape (N, C), got {tuple(logits.shape)}")
+    if y.shape != logits.shape[:1]:
+        raise ValueError(f"classifier labels y have shape {tuple(y.shape)}, expected ({logits.shape[0]},)")
+    _check_labels(y, logits.shape[-1], "classifier labels y")
     keep = y != IGNORE_INDEX
     N = logits.shape[0]
     return Terms(

@@ -53,9 +53,10 @@ def penalized_loss(task_loss: Tensor, penalty: nn.Module | None) -> Tensor:
 def count_terms(batch: Any) -> int:
     """Number of prediction terms in a batch (SEMANTICS §1).
 
-    Causal-LM dict: positions ``t`` whose next label ``labels[:, t+1]`` is not ``-100`` and is
-    attended (``attention_mask[:, t+1] != 0``); labels default to ``input_ids`` under the mask.
-    ``(X, y)`` tuple: samples with ``y != -100``.
+    Causal-LM dict: positions ``t`` whose next label ``labels[:, t+1]`` is not ``-100`` and whose
+    input and label positions are both attended (``attention_mask[:, t] != 0`` and
+    ``attention_mask[:, t+1] != 0``: left padding adds no term); labels default to ``input_ids``
+    under the mask. ``(X, y)`` tuple: samples with ``y != -100``. Agrees with ``forward_terms``.
     """
     if isinstance(batch, Mapping):
         ids = batch["input_ids"]
@@ -63,7 +64,8 @@ def count_terms(batch: Any) -> int:
         mask = torch.ones_like(ids) if mask is None else mask
         labels = batch.get("labels")
         labels = ids.masked_fill(mask == 0, IGNORE_INDEX) if labels is None else labels
-        return int(((labels[:, 1:] != IGNORE_INDEX) & (mask[:, 1:] != 0)).sum())
+        attended = mask != 0
+        return int(((labels[:, 1:] != IGNORE_INDEX) & attended[:, 1:] & attended[:, :-1]).sum())
     _, y = batch
     return int((y != IGNORE_INDEX).sum())
 

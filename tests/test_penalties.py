@@ -30,15 +30,17 @@ def _perturb(lora, scale=0.05, seed=0):
             p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def _dense_objective(lora, op, anchor_flat, strength, prior):
-    """The penalty written densely: theta-space (or Delta-W space) quadratic with the dense matrix."""
+def _dense_objective(lora, op, anchor_flat, strength, prior, anchor_scaling=None):
+    """The penalty written densely: theta-space (or Delta-W space) quadratic with the dense matrix;
+    ``dW_l = s_l B A - s0_l B0 A0`` with ``s0`` = ``anchor_scaling`` (default: the live scaling)."""
     P = op.to_dense()
     theta = lora.flatten()
     d = theta - anchor_flat
-    if op.structure == "kfac_delta_w":
+    if op.space == "delta_w":
         parts = []
-        for layer, (A0, B0) in zip(lora.layers, lora.split_layers(anchor_flat)):
-            parts.append((layer.scaling * (layer.B @ layer.A - B0 @ A0)).reshape(-1))
+        s0 = anchor_scaling or [layer.scaling for layer in lora.layers]
+        for layer, (A0, B0), s0_l in zip(lora.layers, lora.split_layers(anchor_flat), s0):
+            parts.append((layer.scaling * layer.B @ layer.A - s0_l * B0 @ A0).reshape(-1))
         dw = torch.cat(parts)
         quad = dw @ P @ dw
     else:
@@ -157,3 +159,138 @@ def test_penalty_is_fp32_under_bf16_autocast():
         value = pen()
     assert value.dtype == torch.float32
     assert float(value) == pytest.approx(float(ref), rel=1e-6)
+
+
+def _restore(lora, anchor):
+    with torch.no_grad():
+        for p, a in zip(lora.params, anchor.values()):
+            p.copy_(a)
+
+
+def _flat_grads(value, lora):
+    return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, lora.params)])
+
+
+# ------------------------------------------------------------------ Delta-W sums and spaces (defects 2, 11)
+@pytest.fixture(scope="module")
+def square_lm():
+    """q_proj only with r = d/2: the theta space and the Delta-W space have the SAME size
+    (r (d_in + d_out) = d_out d_in), so only ``curv.space`` can tell them apart."""
+    model = make_tiny_lm(targets=("q_proj",), r=8)
+    lora = lc.LoRAParams.from_model(model)
+    assert lora.numel == sum(layer.d_out * layer.d_in for layer in lora.layers)
+    fit = lambda seed, structure: lc.fit_curvature(model, [make_lm_batch(seed=seed)], structure=structure,  # noqa: E731
+                                                   factor_dtype=torch.float64, progress=False)
+    return model, lora, {"dw1": fit(71, "kfac_delta_w"), "dw2": fit(72, "kfac_delta_w"),
+                         "dw3": fit(73, "kfac_delta_w"), "kfac": fit(71, "kfac")}
+
+
+@pytest.mark.parametrize("combo", ["a+b", "sum3", "scaled"])
+def test_penalty_of_a_delta_w_sum_is_the_sum_of_penalties(square_lm, combo, monkeypatch):
+    _, lora, ops = square_lm
+    dw1, dw2, dw3 = ops["dw1"], ops["dw2"], ops["dw3"]
+    parts = {"a+b": [(1.0, dw1), (1.0, dw2)], "sum3": [(1.0, dw1), (1.0, dw2), (1.0, dw3)],
+             "scaled": [(0.5, dw1), (2.0, dw2)]}[combo]
+    op = dw1 + dw2 if combo == "a+b" else sum(alpha * t for alpha, t in parts)
+    assert op.space == "delta_w" and op.num_params == lora.numel  # sizes match the theta space
+    anchor = lora.snapshot()
+    pen = lc.LaplacePenalty(op, anchor=anchor, strength=1.3, lora=lora, prior_precision=0.2)
+    singles = [lc.LaplacePenalty(alpha * t, anchor=anchor, strength=1.3, lora=lora) for alpha, t in parts]
+    try:
+        _perturb(lora, seed=11)
+        # the fast low-rank path sums the Kronecker terms' quadratics: no term's flat quadratic_form runs
+        monkeypatch.setattr(type(dw1), "quadratic_form", lambda *a, **k: pytest.fail("flat Delta-W path used"))
+        value = pen()
+        grads = _flat_grads(value, lora)
+        monkeypatch.undo()
+        ref = _dense_objective(lora, op, lora.flatten(anchor), 1.3, 0.2)
+        assert abs(float(value - ref)) <= 1e-10 * abs(float(ref))
+        assert rel_err(grads, _flat_grads(ref, lora)) < 1e-10
+        d = lora.flatten() - lora.flatten(anchor)
+        total = sum(p() for p in singles) + 0.5 * 1.3 * 0.2 * (d @ d)
+        assert abs(float(value - total)) <= 1e-10 * abs(float(total))
+        assert rel_err(grads, _flat_grads(total, lora)) < 1e-10
+    finally:
+        _restore(lora, anchor)
+
+
+def test_spaces_never_mix_even_when_sizes_match(square_lm):
+    _, lora, ops = square_lm
+    theta_op = ops["kfac"]
+    assert theta_op.num_params == ops["dw1"].num_params
+    with pytest.raises(ValueError, match="different spaces"):
+        theta_op + ops["dw1"]
+    with pytest.raises(ValueError, match="different spaces"):
+        sum([ops["dw1"], ops["dw2"], theta_op])
+    # each penalty follows its operator's space: theta-space K-FAC on theta, Delta-W on Delta W
+    anchor = lora.snapshot()
+    try:
+        _perturb(lora, seed=12)
+        for op in (theta_op, 2.0 * theta_op, ops["dw1"] + ops["dw2"]):
+            pen = lc.LaplacePenalty(op, anchor=anchor, strength=1.0, lora=lora)
+            ref = _dense_objective(lora, op, lora.flatten(anchor), 1.0, 0.0)
+            assert abs(float(pen() - ref)) <= 1e-10 * abs(float(ref)), op.structure
+    finally:
+        _restore(lora, anchor)
+
+
+def test_wrong_sized_operator_names_its_space(setup):
+    _, lora, ops = setup
+    from lalora_curv.curvature.diag import DiagCurvature
+
+    dw_sized = DiagCurvature(torch.ones(ops["kfac_delta_w"].num_params, dtype=torch.float64), kind="ggn")
+    with pytest.raises(ValueError, match="'theta' space.*spaces never mix"):
+        lc.LaplacePenalty(dw_sized, anchor=lora.snapshot(), strength=1.0, lora=lora)
+
+
+def test_anchor_scaling_is_stored_with_the_anchor():
+    """peft's set_scale after the anchor was taken changes the current Delta W only."""
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    dw = lc.fit_curvature(model, [make_lm_batch(seed=74)], structure="kfac_delta_w", factor_dtype=torch.float64,
+                          progress=False)
+    anchor = lora.snapshot()
+    s0 = [layer.scaling for layer in lora.layers]
+    pen = lc.LaplacePenalty(dw, anchor=anchor, strength=1.0, lora=lora)
+    explicit = lc.LaplacePenalty(dw, anchor=anchor, strength=1.0, lora=lora, anchor_scaling=s0)
+    assert float(pen()) == 0.0
+    for layer in lora.layers:
+        layer.module.set_scale("default", 3.0)  # scaling = 3 * alpha / r
+    s1 = [layer.scaling for layer in lora.layers]
+    assert s1 != s0
+    ref = _dense_objective(lora, dw, lora.flatten(anchor), 1.0, 0.0, anchor_scaling=s0)
+    assert float(ref) > 0  # dW = (s1 - s0) B0 A0 != 0 with theta unchanged
+    for p in (pen, explicit):
+        value = p()
+        ref = _dense_objective(lora, dw, lora.flatten(anchor), 1.0, 0.0, anchor_scaling=s0)
+        assert abs(float(value - ref)) <= 1e-10 * float(ref)
+        assert rel_err(_flat_grads(value, lora), _flat_grads(ref, lora)) < 1e-10
+    assert "anchor_scaling" in pen.state_dict()
+    # an anchor taken under another scaling: given explicitly
+    other = lc.LaplacePenalty(dw, anchor=anchor, strength=1.0, lora=lora, anchor_scaling=[0.5] * len(s0))
+    ref_other = _dense_objective(lora, dw, lora.flatten(anchor), 1.0, 0.0, anchor_scaling=[0.5] * len(s0))
+    assert abs(float(other() - ref_other)) <= 1e-10 * float(ref_other)
+    with pytest.raises(ValueError, match="anchor_scaling has 1 entries"):
+        lc.LaplacePenalty(dw, anchor=anchor, strength=1.0, lora=lora, anchor_scaling=[1.0])
+
+
+# ------------------------------------------------------------------ strength / prior_precision (defect 5)
+@pytest.mark.parametrize("name", ["strength", "prior_precision"])
+def test_strength_and_prior_precision_validated_on_every_assignment(setup, name):
+    _, lora, ops = setup
+    pen = lc.LaplacePenalty(ops["diag"], anchor=lora.snapshot(), strength=1.0, lora=lora, prior_precision=0.1)
+    for bad in (-1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match=name):
+            setattr(pen, name, bad)
+        with pytest.raises(ValueError, match=name):
+            lc.LaplacePenalty(ops["diag"], anchor=lora.snapshot(), lora=lora, **{"strength": 1.0, name: bad})
+    for bad in (True, "0.5", torch.tensor(0.5), None):
+        with pytest.raises(TypeError, match=f"{name} must be a real number"):
+            setattr(pen, name, bad)
+    assert getattr(pen, name) in (1.0, 0.1)  # unchanged by the refused assignments
+    import numpy as np
+
+    setattr(pen, name, np.float64(0.25))
+    assert getattr(pen, name) == 0.25 and type(getattr(pen, name)) is float
+    setattr(pen, name, 2)
+    assert getattr(pen, name) == 2.0
