@@ -58,7 +58,7 @@ def as_curvlinops_data(model: nn.Module, batches: list):
         if len(shapes) > 1:
             raise ValueError("backend='curvlinops' needs batches of equal sequence length")
         return CausalLMLogits(model), data, (lambda X: X["input_ids"].shape[0]), "model."
-    for X, y in batches:
+    for _X, y in batches:
         if bool((y == -100).any()):
             raise ValueError("backend='curvlinops' cannot ignore -100 labels; use backend='hooks'")
     return model, [(X, y) for X, y in batches], None, ""

@@ -21,7 +21,8 @@ from torch import Tensor, nn
 
 from ..curvature import STRUCTURES
 from ..curvature.base import CurvatureOperator, NonFiniteCurvatureError
-from ..curvature.io import CurvatureFileError, CurvatureMismatchError, validate_signature, write_safetensors_atomic
+from ..curvature.files import write_safetensors_atomic
+from ..curvature.io import CurvatureFileError, CurvatureMismatchError, validate_signature
 from ..params import LoRAParams
 from .filtering import predict, with_isotropic
 from .noise import check_noise_value

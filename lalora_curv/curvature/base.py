@@ -12,11 +12,23 @@ may implement ``solve`` and cheaper ``quadratic_form``/``to_dense``. Everything 
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from .files import (
+    CURVATURE_FILENAME,
+    FORMAT_VERSION,
+    META_KEY,
+    adapter_subfolder,
+    state_dtype_problem,
+    write_safetensors_atomic,
+)
 
 __all__ = ["CurvatureOperator", "DenseTooLargeError", "NonFiniteCurvatureError", "DEFAULT_MAX_DENSE"]
 
@@ -51,7 +63,7 @@ class CurvatureOperator:
     space: str = "theta"
     #: name -> class of every operator class defined (filled by ``__init_subclass__``; used to
     #: load files and sums). Which structures exist is listed once, in ``curvature/registry.py``.
-    registry: ClassVar[dict[str, type["CurvatureOperator"]]] = {}
+    registry: ClassVar[dict[str, type[CurvatureOperator]]] = {}
     #: the ``fit_curvature`` options a structure reads besides the common ones (see ``accumulator``)
     fit_options: ClassVar[frozenset] = frozenset()
 
@@ -106,10 +118,10 @@ class CurvatureOperator:
         return {}
 
     @classmethod
-    def from_state(cls, tensors: Mapping[str, Tensor], meta: dict, common: dict) -> "CurvatureOperator":
+    def from_state(cls, tensors: Mapping[str, Tensor], meta: dict, common: dict) -> CurvatureOperator:
         raise NotImplementedError
 
-    def _scaled(self, alpha: float) -> "CurvatureOperator":
+    def _scaled(self, alpha: float) -> CurvatureOperator:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ common behaviour
@@ -211,7 +223,7 @@ class CurvatureOperator:
         return self.diagonal().sum()
 
     # ------------------------------------------------------------------ algebra
-    def _check_compatible(self, other: "CurvatureOperator") -> None:
+    def _check_compatible(self, other: CurvatureOperator) -> None:
         if not isinstance(other, CurvatureOperator):
             raise TypeError(f"cannot add a curvature and a {type(other).__name__}")
         if other.space != self.space:
@@ -228,7 +240,7 @@ class CurvatureOperator:
         if other.device != self.device:
             raise ValueError(f"cannot add curvatures on different devices: {self.device} vs {other.device}")
 
-    def _add_same(self, other: "CurvatureOperator") -> "CurvatureOperator | None":
+    def _add_same(self, other: CurvatureOperator) -> CurvatureOperator | None:
         """Structure-specific exact sum, or None to fall back on the generic sum operator."""
         return None
 
@@ -254,7 +266,7 @@ class CurvatureOperator:
             result = SumCurvature([self, other])
         return result
 
-    def _add_same_reflected(self, other: "CurvatureOperator") -> "CurvatureOperator | None":
+    def _add_same_reflected(self, other: CurvatureOperator) -> CurvatureOperator | None:
         return None
 
     __radd__ = __add__
@@ -269,7 +281,7 @@ class CurvatureOperator:
     __rmul__ = __mul__
 
     # ------------------------------------------------------------------ device / dtype / io
-    def to(self, device=None, dtype: torch.dtype | None = None) -> "CurvatureOperator":
+    def to(self, device=None, dtype: torch.dtype | None = None) -> CurvatureOperator:
         """A copy with every state tensor moved (``dtype`` applies to floating tensors)."""
         tensors = {
             k: t.to(device=device, dtype=dtype if (dtype is not None and t.is_floating_point()) else None)
@@ -280,17 +292,20 @@ class CurvatureOperator:
     def save(self, path) -> None:
         """Write one safetensors file, JSON metadata in its header (no pickle, no sidecar),
         atomically (temp file + rename)."""
-        from .io import save_curvature
-
-        save_curvature(self, path)
+        problem = state_dtype_problem(self.state_tensors())
+        if problem:
+            raise ValueError(f"cannot save this {self.structure} curvature: {problem} (cast with curv.to(dtype=...))")
+        meta = {"format": FORMAT_VERSION, "structure": self.structure,
+                "common": self._common() | {"num_params": self.num_params}, "meta": self.state_meta()}
+        write_safetensors_atomic(self.state_tensors(), path, {META_KEY: json.dumps(meta)})
 
     def save_pretrained(self, adapter_dir):
         """Write the curvature beside a peft adapter: ``adapter_dir/lalora_curvature.safetensors``
         (``io.CURVATURE_FILENAME``; a non-``"default"`` adapter's subfolder, as peft does). Read it
         back with ``lc.load_curvature(adapter_dir, lora=...)``. Returns the file's path."""
-        from .io import save_pretrained
-
-        return save_pretrained(self, adapter_dir)
+        path = adapter_subfolder(Path(adapter_dir), self.signature.get("adapter_name")) / CURVATURE_FILENAME
+        self.save(path)
+        return path
 
     def check_finite(self) -> None:
         for key, t in self.state_tensors().items():

@@ -18,7 +18,7 @@ class DenseCurvature(CurvatureOperator):
     fit_options = frozenset({"terms", "max_dense"})
 
     @classmethod
-    def accumulator(cls, lora, *, dtype, max_dense: int = DEFAULT_MAX_DENSE) -> "DenseAccumulator":
+    def accumulator(cls, lora, *, dtype, max_dense: int = DEFAULT_MAX_DENSE) -> DenseAccumulator:
         cls.check_size(lora.numel, int(max_dense))
         return DenseAccumulator(lora.numel, dtype, lora.device, keep_outer=True)
 

@@ -17,7 +17,7 @@ class DiagCurvature(CurvatureOperator):
     fit_options = frozenset({"terms"})
 
     @classmethod
-    def accumulator(cls, lora, *, dtype) -> "DiagAccumulator":
+    def accumulator(cls, lora, *, dtype) -> DiagAccumulator:
         return DiagAccumulator(lora.numel, dtype, lora.device)
 
     def __init__(self, diag: Tensor, **common):

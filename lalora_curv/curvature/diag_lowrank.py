@@ -25,7 +25,7 @@ class DiagLowRankCurvature(CurvatureOperator):
     fit_options = frozenset({"terms", "rank"})
 
     @classmethod
-    def accumulator(cls, lora, *, dtype, rank: int = 16) -> "DiagLowRankAccumulator":
+    def accumulator(cls, lora, *, dtype, rank: int = 16) -> DiagLowRankAccumulator:
         return DiagLowRankAccumulator(lora.numel, dtype, lora.device, keep_rows=True, rank=_check_rank(rank))
 
     def __init__(self, D: Tensor, U: Tensor, C: Tensor, **common):
@@ -94,7 +94,7 @@ class DiagLowRankCurvature(CurvatureOperator):
     def _add_same_reflected(self, other):
         return self._add_same(other)
 
-    def truncated(self, rank: int) -> "DiagLowRankCurvature":
+    def truncated(self, rank: int) -> DiagLowRankCurvature:
         """Keep the top-``rank`` eigenpairs of the low-rank part and move the discarded part's
         diagonal into ``D`` (so ``diagonal()`` is preserved exactly). Explicit, never silent."""
         low = LowRankCurvature(self.U, self.C, **self._common())

@@ -12,7 +12,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -17,26 +17,22 @@ file.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from .base import CurvatureOperator, NonFiniteCurvatureError
+from .files import (
+    CURVATURE_FILENAME,
+    FORMAT_VERSION,
+    META_KEY,
+    adapter_subfolder,
+    state_dtype_problem,
+)
 
 __all__ = ["save_curvature", "save_pretrained", "load_curvature", "curvature_file", "check_psd", "CurvatureFileError",
            "CurvatureMismatchError", "FORMAT_VERSION", "CURVATURE_FILENAME"]
-
-FORMAT_VERSION = 1
-META_KEY = "lalora_curv"
-#: the curvature's file name inside a peft adapter folder (beside ``adapter_model.safetensors``)
-CURVATURE_FILENAME = "lalora_curvature.safetensors"
-#: peft writes the ``"default"`` adapter at the folder's root, any other adapter into a subfolder
-#: named after it (``PeftModel.save_pretrained``); the curvature follows the same rule
-PEFT_DEFAULT_ADAPTER = "default"
-
 
 class CurvatureFileError(ValueError):
     """The file is not a readable lalora_curv curvature (missing, truncated, corrupted, wrong format)."""
@@ -46,111 +42,14 @@ class CurvatureMismatchError(ValueError):
     """A saved curvature does not fit the model's LoRA registry (adapter, names, shapes, structure)."""
 
 
-def _current_umask() -> int:
-    """The process umask (``os.umask`` can only be read by setting it: set and restore at once)."""
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def _fsync_path(path, *, directory: bool = False) -> None:
-    """Flush ``path`` to disk. For a directory (after a rename) this is best effort: some
-    platforms/filesystems cannot open or fsync directories."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        if directory:
-            return
-        raise
-    try:
-        os.fsync(fd)
-    except OSError:
-        if not directory:
-            raise
-    finally:
-        os.close(fd)
-
-
-def write_safetensors_atomic(tensors: dict, path, metadata: dict[str, str]) -> None:
-    """Write ``tensors`` (any device) with string ``metadata`` to ``path`` atomically: a temp file
-    in the same folder, fsynced, then ``os.replace`` (then the folder is fsynced where supported);
-    a failure leaves any previous file untouched. The file gets the permissions a plain ``open``
-    would give (``0o666`` minus the umask; the temp file starts as ``0o600``). If ``path`` is a
-    symlink, its final target is written and the link stays a link.
-    safetensors refuses tensors sharing storage, so repeats are stored as copies."""
-    from safetensors.torch import save_file
-
-    path = Path(os.path.realpath(path))  # write through symlinks: replace the target, not the link
-    path.parent.mkdir(parents=True, exist_ok=True)
-    out, seen = {}, set()
-    for key, t in tensors.items():
-        t = t.detach().to("cpu").contiguous()
-        ptr = t.untyped_storage().data_ptr()
-        out[key] = t.clone() if ptr in seen else t
-        seen.add(ptr)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".safetensors", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(out, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        _fsync_path(tmp)  # the data is on disk before the rename makes it visible
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    _fsync_path(path.parent, directory=True)  # the rename itself survives a crash
-
-
-def _state_dtype_problem(tensors: dict[str, Tensor]) -> str | None:
-    """Why a state cannot be saved/loaded as is (non-floating or mixed float dtypes), or None."""
-    if not tensors:
-        return "the state has no tensors"
-    wrong = [f"{k} ({t.dtype})" for k, t in tensors.items() if not t.is_floating_point()]
-    if wrong:
-        return f"state tensors must be floating point, got {', '.join(wrong[:3])}"
-    dtypes: dict[torch.dtype, str] = {}
-    for k, t in tensors.items():
-        dtypes.setdefault(t.dtype, k)
-    if len(dtypes) > 1:
-        listed = ", ".join(f"{dt} (e.g. {k!r})" for dt, k in dtypes.items())
-        return f"state tensors have mixed float dtypes: {listed}; one operator has one dtype"
-    return None
-
-
 def save_curvature(curv: CurvatureOperator, path) -> None:
-    """Write ``curv`` to ``path`` atomically (temp file in the same folder, then rename).
-
-    Refuses (``ValueError``) a state of mixed float dtypes, which :func:`load_curvature` would
-    refuse: cast first with ``curv.to(dtype=...)``."""
-    problem = _state_dtype_problem(curv.state_tensors())
-    if problem:
-        raise ValueError(f"cannot save this {curv.structure} curvature: {problem} (cast with curv.to(dtype=...))")
-    meta = {
-        "format": FORMAT_VERSION,
-        "structure": curv.structure,
-        "common": curv._common() | {"num_params": curv.num_params},
-        "meta": curv.state_meta(),
-    }
-    write_safetensors_atomic(curv.state_tensors(), path, {META_KEY: json.dumps(meta)})
-
-
-def _adapter_subfolder(adapter_dir: Path, adapter_name: str | None) -> Path:
-    if adapter_name and adapter_name != PEFT_DEFAULT_ADAPTER:
-        return adapter_dir / adapter_name
-    return adapter_dir
+    """``curv.save(path)``: one safetensors file, written atomically (see ``CurvatureOperator.save``)."""
+    curv.save(path)
 
 
 def save_pretrained(curv: CurvatureOperator, adapter_dir) -> Path:
-    """Write ``curv`` into the peft adapter folder ``adapter_dir`` as :data:`CURVATURE_FILENAME`.
-
-    Like peft, a curvature fitted on an adapter other than ``"default"`` goes into the subfolder
-    ``adapter_dir/<adapter_name>``. The folder is created if needed. Returns the file's path.
-    """
-    folder = _adapter_subfolder(Path(adapter_dir), curv.signature.get("adapter_name"))
-    path = folder / CURVATURE_FILENAME
-    save_curvature(curv, path)
-    return path
+    """``curv.save_pretrained(adapter_dir)`` (see ``CurvatureOperator.save_pretrained``)."""
+    return curv.save_pretrained(adapter_dir)
 
 
 def curvature_file(path, adapter_name: str | None = None) -> Path:
@@ -161,7 +60,7 @@ def curvature_file(path, adapter_name: str | None = None) -> Path:
     if not path.is_dir():
         return path
     candidates = [path / CURVATURE_FILENAME]
-    sub = _adapter_subfolder(path, adapter_name)
+    sub = adapter_subfolder(path, adapter_name)
     if sub != path:
         candidates.append(sub / CURVATURE_FILENAME)
     for candidate in candidates:
@@ -352,7 +251,7 @@ def load_curvature(path, lora=None, *, device=None, structure: str | None = None
         raise CurvatureFileError(f"{path}: the curvature has no LoRA signature (built by hand, never fitted on a "
                                  "model), so it cannot be validated against lora; load it with lora=None")
     validate_signature(common["signature"], lora)
-    problem = _state_dtype_problem(tensors)
+    problem = state_dtype_problem(tensors)
     if problem:
         raise CurvatureFileError(f"{path}: wrong dtype: {problem}")
     for key, t in tensors.items():

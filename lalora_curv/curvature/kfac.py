@@ -20,7 +20,7 @@ factors at all (``grad = inp = -1`` in their description): the ``d_in x d_in`` i
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -55,7 +55,7 @@ class KFACCurvature(CurvatureOperator):
     fit_options = frozenset({"share_inputs"})
 
     @classmethod
-    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> "KFACAccumulator":
+    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> KFACAccumulator:
         return KFACAccumulator(lora, dtype, share_inputs=share_inputs)
 
     def __init__(self, grad_factors: Sequence[Tensor], input_factors: Sequence[Tensor],
@@ -80,7 +80,7 @@ class KFACCurvature(CurvatureOperator):
         self._eig_cache: dict | None = None
 
     @classmethod
-    def from_factor_pairs(cls, pairs: Sequence[tuple], *, share_inputs: bool = True, **common) -> "KFACCurvature":
+    def from_factor_pairs(cls, pairs: Sequence[tuple], *, share_inputs: bool = True, **common) -> KFACCurvature:
         """Build from ``(G, A, name)`` per block in flat order, storing identical input factors once.
 
         A zero block is given as ``(None, None, name, d_out, d_in)``."""
@@ -217,7 +217,7 @@ class KFACAccumulator(KroneckerSums):
 
     def finalize(self, common: dict) -> KFACCurvature:
         pairs = []
-        for (r, d_in, d_out, zero, U, V), (a_name, b_name) in zip(self.nonzero_blocks(), self.names):
+        for (r, d_in, _d_out, zero, U, V), (a_name, b_name) in zip(self.nonzero_blocks(), self.names):
             if zero:
                 pairs += [(None, None, a_name, r, d_in), (U, V, b_name)]
             else:

@@ -26,7 +26,7 @@ class KFACDeltaWCurvature(KFACCurvature):
     space = "delta_w"
 
     @classmethod
-    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> "KFACDeltaWAccumulator":
+    def accumulator(cls, lora, *, dtype, share_inputs: bool = True) -> KFACDeltaWAccumulator:
         return KFACDeltaWAccumulator(lora, dtype, share_inputs=share_inputs)
 
 

@@ -14,7 +14,7 @@ symmetric PSD by construction. The diagonal blocks are exactly the ``kfac`` bloc
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -35,7 +35,7 @@ class KFACTridiagCurvature(CurvatureOperator):
     structure = "kfac_tridiag"
 
     @classmethod
-    def accumulator(cls, lora, *, dtype) -> "KFACTridiagAccumulator":
+    def accumulator(cls, lora, *, dtype) -> KFACTridiagAccumulator:
         return KFACTridiagAccumulator(lora, dtype)
 
     def __init__(self, U: Sequence[Tensor], V: Sequence[Tensor], shapes: Sequence[Sequence[int]], **common):
@@ -72,7 +72,7 @@ class KFACTridiagCurvature(CurvatureOperator):
 
     def diagonal(self) -> Tensor:
         parts = []
-        for r, d_in, d_out, U, V, *_ in self._iter_layers():
+        for r, d_in, _d_out, U, V, *_ in self._iter_layers():
             parts.append(kron_diag(U[:r, :r], V[:d_in, :d_in]))
             parts.append(kron_diag(U[r:, r:], V[d_in:, d_in:]))
         return torch.cat(parts)

@@ -52,7 +52,7 @@ class LowRankCurvature(CurvatureOperator):
     fit_options = frozenset({"terms", "rank"})
 
     @classmethod
-    def accumulator(cls, lora, *, dtype, rank: int = 16) -> "LowRankAccumulator":
+    def accumulator(cls, lora, *, dtype, rank: int = 16) -> LowRankAccumulator:
         return LowRankAccumulator(lora.numel, dtype, lora.device, keep_rows=True, rank=_check_rank(rank))
 
     def __init__(self, U: Tensor, C: Tensor, **common):
@@ -77,7 +77,7 @@ class LowRankCurvature(CurvatureOperator):
     def diagonal(self) -> Tensor:
         return ((self.U @ self.C) * self.U).sum(1)
 
-    def truncated(self, rank: int) -> "LowRankCurvature":
+    def truncated(self, rank: int) -> LowRankCurvature:
         """Best rank-``rank`` approximation (in Frobenius norm) of this operator: the top eigenpairs
         of ``U C U^T``, computed from a QR of ``U``. Explicit, never applied silently."""
         Q, R = torch.linalg.qr(self.U)

@@ -26,8 +26,8 @@ from torch import Tensor
 from .base import NonFiniteCurvatureError
 
 __all__ = [
-    "KroneckerCall", "KroneckerBatch", "KroneckerMeans", "GradientRows", "GradientMoment", "Accumulator", "KroneckerSums",
-    "GradientSums", "dist_world_size", "dist_rank", "all_reduce_sum", "NoTermsError",
+    "KroneckerCall", "KroneckerBatch", "KroneckerMeans", "GradientRows", "GradientMoment", "Accumulator",
+    "KroneckerSums", "GradientSums", "dist_world_size", "dist_rank", "all_reduce_sum", "NoTermsError",
 ]
 
 
@@ -256,7 +256,7 @@ class KroneckerSums(Accumulator):
             raise NoTermsError("no prediction terms in the batches: the iterator was empty or every label is -100")
         U = [u / self.num_terms for u in self.U_sum]
         V = []
-        for (r, d_in, d_out), v, c in zip(self.shapes, self.V_sum, self.V_count):
+        for (_r, _d_in, _d_out), v, c in zip(self.shapes, self.V_sum, self.V_count):
             if c == 0:
                 raise ValueError("a LoRA layer never received a gradient: is it used in the forward pass?")
             V.append(v / c)
