@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import inspect
 import typing
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn

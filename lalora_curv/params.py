@@ -13,8 +13,8 @@ Conventions (fixed by the public API, see docs/concepts.md):
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import Tensor, nn
@@ -87,8 +87,8 @@ class LoRALayer:
 
 
 def _lora_layer_types():
-    from peft.tuners.lora import LoraLayer
     from peft.tuners.lora import Linear as LoraLinear
+    from peft.tuners.lora import LoraLayer
 
     return LoraLayer, LoraLinear
 
@@ -118,7 +118,7 @@ class LoRAParams:
 
     # ------------------------------------------------------------------ discovery
     @classmethod
-    def from_model(cls, model: nn.Module, adapter_name: str = "default") -> "LoRAParams":
+    def from_model(cls, model: nn.Module, adapter_name: str = "default") -> LoRAParams:
         """Discover the peft LoRA layers of ``adapter_name`` in ``model``.
 
         Works on a ``PeftModel`` and on any module containing peft LoRA layers. Raises

@@ -35,7 +35,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
         shard = _batches()[rank::world]
         results = {}
         for s in STRUCTURES:
-            op = lc.fit_curvature(model, shard, structure=s, **options_for(s, rank=3), factor_dtype=torch.float64, progress=False)
+            op = lc.fit_curvature(model, shard, structure=s, **options_for(s, rank=3), factor_dtype=torch.float64,
+                                  progress=False)
             results[s] = op.to_dense()
         # one DDP step with the penalty
         from torch.nn.parallel import DistributedDataParallel as DDP

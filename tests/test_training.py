@@ -12,8 +12,14 @@ import lalora_curv as lc
 from lalora_curv.curvature import DenseCurvature
 from lalora_curv.training import PenalizedTrainer, PenaltyLoop, finetune, penalized_loss, task_loss_sum
 
-from .helpers_continual import collate, make_batches, make_examples, make_model, random_psd
-from .helpers_continual import single_thread  # noqa: F401  (autouse fixture: one torch thread)
+from .helpers_continual import (
+    collate,
+    make_batches,
+    make_examples,
+    make_model,
+    random_psd,
+    single_thread,  # noqa: F401  (autouse fixture: one torch thread)
+)
 
 STRENGTH, PRIOR = 0.7, 0.3
 

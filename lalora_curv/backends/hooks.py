@@ -273,8 +273,8 @@ def per_term_rows(logits: Tensor, R: Tensor, lora, dtype: torch.dtype) -> Tensor
             except RuntimeError:  # an op without a batching rule: one backward per term
                 batched = False
                 continue
-            out[start:stop] = torch.cat([(g if g is not None else torch.zeros(stop - start, *p.shape, dtype=p.dtype,
-                                                                              device=p.device)).reshape(stop - start, -1)
+            n = stop - start
+            out[start:stop] = torch.cat([(g if g is not None else p.new_zeros(n, *p.shape)).reshape(n, -1)
                                          for g, p in zip(grads, params)], 1).to(dtype)
         else:
             for m in range(start, stop):

@@ -649,7 +649,8 @@ def num_label_tokens(batches: Sequence[dict[str, torch.Tensor]]) -> int:
 __all__ = [
     "IGNORE_INDEX", "EVAL_FRACTION", "GSM_EVAL_TEMPLATE_MODULUS", "LEXFILE_NAMES", "Synset", "split_of",
     "parse_data_line", "read_wordnet", "synset_text", "wordnet_texts", "wordnet_mcq", "mcq_prompt",
-    "pydoc_documents", "pydoc_paragraphs", "pydoc_texts", "source_texts", "gsm_template_split", "reasoning_items", "format_prompt",
+    "pydoc_documents", "pydoc_paragraphs", "pydoc_texts", "source_texts", "gsm_template_split", "reasoning_items",
+    "format_prompt",
     "format_target", "lm_batches", "sft_batches", "reasoning_sft_batches", "num_label_tokens",
 ]
 

@@ -85,10 +85,9 @@ def test_small_preset_runs_and_tables():
 
 def test_fast_mcq_matches_reference():
     """The shared-prompt MCQ scorer gives mcq_scores' log-likelihoods (tiny Llama, eager attention)."""
+    from benchmarks.forgetting_mcq import check_against_reference
     from lalora_curv.experiments.data import wordnet_mcq
     from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
-
-    from benchmarks.forgetting_mcq import check_against_reference
 
     check = check_against_reference(tiny_llama(), tiny_tokenizer(), wordnet_mcq("eval", n=5, seed=1))
     assert check["ok"], check

@@ -222,7 +222,7 @@ def test_fsync_of_the_file_precedes_the_rename(setup, tmp_path, monkeypatch):
 
     def fsync(fd):
         is_dir = os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")) if os.path.exists("/proc/self/fd") else None
-        calls.append(("fsync_dir" if is_dir else "fsync_file"))
+        calls.append("fsync_dir" if is_dir else "fsync_file")
         return real_fsync(fd)
 
     def replace(src, dst):
