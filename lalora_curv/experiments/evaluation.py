@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .data import IGNORE_INDEX, _encode, _pad_id, format_prompt, format_target, sft_batches
+from .batching import IGNORE_INDEX, _encode, _pad_id, format_prompt, format_target, sft_batches
 
 
 @contextlib.contextmanager
