@@ -342,6 +342,17 @@ def _run_eval(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, floa
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _trainable_parameters(model: nn.Module, lora: LoRAParams) -> list[nn.Parameter]:
+    """The LoRA matrices (canonical order), then every other ``requires_grad`` parameter of ``model``
+    (``modules_to_save`` copies, trainable tokens, ...) once each."""
+    params, seen = list(lora.params), {id(p) for p in lora.params}
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
 def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Module | None = None, steps: int,
              lr: float, grad_accum: int = 1, seed: int,
              eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None, eval_every: int | None = None,
@@ -349,7 +360,10 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
              max_grad_norm: float | None = None, lora: LoRAParams | None = None) -> FinetuneResult:
     """LoRA fine-tuning of a peft causal LM (or classifier) with an optional penalty.
 
-    Only the LoRA parameters (``LoRAParams.from_model(model)``) are given to the optimizer. Each
+    The optimizer trains what peft marks trainable: every ``requires_grad`` parameter of
+    ``model`` (the LoRA matrices, and also ``modules_to_save`` copies, trainable tokens, biases
+    with ``bias="lora_only"``; the penalty covers the LoRA matrices only, and
+    ``LoRAParams.untracked_trainable()`` names the rest). Each
     optimizer step takes the next ``grad_accum`` batches of ``train_batches`` (cycled in order,
     no shuffling) and minimises ``sum_terms CE / num_terms`` over those micro-batches (exact
     token mean of the step, SEMANTICS §1 terms) ``+ penalty()`` (once per step, via
@@ -392,8 +406,9 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        opt = _make_optimizer(optimizer, lora.params, lr, weight_decay)
-        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=lora.params)
+        trainable = _trainable_parameters(model, lora)
+        opt = _make_optimizer(optimizer, trainable, lr, weight_decay)
+        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=trainable)
         if eval_fn is not None:
             initial_eval = _run_eval(model, eval_fn)
         model.train()
