@@ -175,6 +175,10 @@ class EigenKFACCurvature(CurvatureOperator):
         tensors.update({f"evals.{b}": lam for b, lam in enumerate(self.evals)})
         return tensors
 
+    def psd_parts(self):
+        # (Q_G (x) Q_A) diag(Lam) (Q_G (x) Q_A)^T is PSD for any Q when Lam >= 0
+        return [lam.reshape(-1) for lam in self.evals], []
+
     def state_meta(self):
         return {"blocks": self.blocks, "num_grad": len(self.grad_vecs), "num_input": len(self.input_vecs)}
 

@@ -77,6 +77,13 @@ class CurvatureOperator:
         """All tensors of the state (serialized with safetensors)."""
         raise NotImplementedError
 
+    def psd_parts(self) -> tuple[list[Tensor], list[Tensor]]:
+        """The state that makes ``P`` PSD by the structure's construction: ``(vectors, matrices)``,
+        every vector entry must be >= 0 and every (square) matrix symmetric PSD. ``load_curvature``
+        checks them to roundoff and refuses a file that breaks them."""
+        raise NotImplementedError(f"structure {self.structure!r} ({type(self).__name__}) does not declare "
+                                  "psd_parts(), so its PSD-ness cannot be checked")
+
     def state_meta(self) -> dict[str, Any]:
         """Structure-specific JSON metadata needed by :meth:`from_state` (besides the common keys)."""
         return {}
@@ -245,10 +252,19 @@ class CurvatureOperator:
         return type(self).from_state(tensors, self.state_meta(), self._common() | {"num_params": self.num_params})
 
     def save(self, path) -> None:
-        """Write safetensors + JSON metadata (no pickle), atomically (temp file + rename)."""
+        """Write one safetensors file, JSON metadata in its header (no pickle, no sidecar),
+        atomically (temp file + rename)."""
         from .io import save_curvature
 
         save_curvature(self, path)
+
+    def save_pretrained(self, adapter_dir):
+        """Write the curvature beside a peft adapter: ``adapter_dir/lalora_curvature.safetensors``
+        (``io.CURVATURE_FILENAME``; a non-``"default"`` adapter's subfolder, as peft does). Read it
+        back with ``lc.load_curvature(adapter_dir, lora=...)``. Returns the file's path."""
+        from .io import save_pretrained
+
+        return save_pretrained(self, adapter_dir)
 
     def check_finite(self) -> None:
         for key, t in self.state_tensors().items():

@@ -48,6 +48,9 @@ class DenseCurvature(CurvatureOperator):
     def state_tensors(self):
         return {"matrix": self.matrix}
 
+    def psd_parts(self):
+        return [], [self.matrix]
+
     @classmethod
     def from_state(cls, tensors, meta, common):
         return cls(tensors["matrix"], **common)

@@ -43,6 +43,9 @@ class DiagCurvature(CurvatureOperator):
     def state_tensors(self):
         return {"diag": self.diag}
 
+    def psd_parts(self):
+        return [self.diag], []
+
     @classmethod
     def from_state(cls, tensors, meta, common):
         return cls(tensors["diag"], **common)

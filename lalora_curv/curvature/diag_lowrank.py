@@ -65,6 +65,9 @@ class DiagLowRankCurvature(CurvatureOperator):
     def state_tensors(self):
         return {"D": self.D, "U": self.U, "C": self.C}
 
+    def psd_parts(self):
+        return [self.D], [self.C]
+
     @classmethod
     def from_state(cls, tensors, meta, common):
         return cls(tensors["D"], tensors["U"], tensors["C"], **common)

@@ -136,6 +136,10 @@ class KFACCurvature(CurvatureOperator):
         tensors.update({f"input.{j}": A for j, A in enumerate(self.input_factors)})
         return tensors
 
+    def psd_parts(self):
+        # G (x) A is PSD when both factors are
+        return [], self.grad_factors + self.input_factors
+
     def state_meta(self):
         return {"blocks": [dict(b) for b in self.blocks], "num_grad": len(self.grad_factors),
                 "num_input": len(self.input_factors)}

@@ -77,6 +77,10 @@ class KFACTridiagCurvature(CurvatureOperator):
         tensors.update({f"V.{i}": V for i, V in enumerate(self.V)})
         return tensors
 
+    def psd_parts(self):
+        # each layer block is a principal submatrix of U (x) V (SEMANTICS §3)
+        return [], self.U + self.V
+
     def state_meta(self):
         return {"shapes": [list(s) for s in self.shapes]}
 

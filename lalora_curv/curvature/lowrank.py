@@ -83,6 +83,9 @@ class LowRankCurvature(CurvatureOperator):
     def state_tensors(self):
         return {"U": self.U, "C": self.C}
 
+    def psd_parts(self):
+        return [], [self.C]  # U C U^T is PSD for any U
+
     @classmethod
     def from_state(cls, tensors, meta, common):
         return cls(tensors["U"], tensors["C"], **common)

@@ -63,6 +63,15 @@ class SumCurvature(CurvatureOperator):
     def state_tensors(self):
         return {f"term{i}.{k}": v for i, t in enumerate(self.terms) for k, v in t.state_tensors().items()}
 
+    def psd_parts(self):
+        # a sum of PSD terms is PSD: the union of the terms' parts
+        vectors, matrices = [], []
+        for t in self.terms:
+            v, m = t.psd_parts()
+            vectors += v
+            matrices += m
+        return vectors, matrices
+
     def state_meta(self):
         return {"terms": [{"structure": t.structure, "meta": t.state_meta(), "common": t._common()
                            | {"num_params": t.num_params}} for t in self.terms]}
