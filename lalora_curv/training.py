@@ -10,8 +10,10 @@ optimizer step**, never once per micro-batch (SEMANTICS §9). Three ways in:
 * :class:`PenaltyLoop` — a plain-PyTorch helper for custom loops with gradient accumulation: call
   ``loop.backward(micro_batch_loss)`` per micro-batch; on the last micro-batch of a step it
   back-propagates the penalty once (weight 1), clips, steps and zeroes the gradients.
-* :class:`PenalizedTrainer` — a ``transformers.Trainer`` subclass (``penalty=``), exact under
-  gradient accumulation with and without ``num_items_in_batch`` (see its docstring).
+* :class:`PenaltyTrainerMixin` — adds ``penalty=`` to any ``transformers.Trainer`` subclass
+  (``class T(PenaltyTrainerMixin, trl.SFTTrainer)``), exact under gradient accumulation with and
+  without ``num_items_in_batch`` (see its docstring); :class:`PenalizedTrainer` is the mixin +
+  ``Trainer``.
 
 :func:`finetune` trains the LoRA parameters of a peft causal LM with :class:`PenaltyLoop`.
 
@@ -33,7 +35,7 @@ from torch import Tensor, nn
 from .losses import IGNORE_INDEX, batch_to_device, forward_terms
 from .params import LoRAParams
 
-__all__ = ["penalized_loss", "PenaltyLoop", "PenalizedTrainer", "finetune", "FinetuneResult", "count_terms",
+__all__ = ["penalized_loss", "PenaltyLoop", "PenaltyTrainerMixin", "PenalizedTrainer", "finetune", "FinetuneResult", "count_terms",
            "task_loss_sum"]
 
 
@@ -195,35 +197,34 @@ class PenaltyLoop:
 
 
 # ---------------------------------------------------------------------------------- HF Trainer
-def _trainer_class():
-    from transformers import Trainer
+class PenaltyTrainerMixin:
+    """Adds ``penalty=`` to any ``transformers.Trainer`` subclass: the training objective becomes
+    ``task loss + penalty``. Put it first in the bases::
 
-    return Trainer
+        class PenalizedSFTTrainer(PenaltyTrainerMixin, trl.SFTTrainer):
+            pass
 
+        trainer = PenalizedSFTTrainer(model=model, args=sft_config, train_dataset=ds, penalty=pen)
 
-class PenalizedTrainer(_trainer_class()):
-    """``transformers.Trainer`` whose training objective is ``task loss + penalty``.
-
-    ``PenalizedTrainer(model, args, ..., penalty=LaplacePenalty(...))``; everything else is the
-    Trainer's. The logs gain ``task_loss`` and ``penalty`` (means over the optimizer steps since
-    the last log; ``task_loss + penalty`` equals the Trainer's ``loss``). Evaluation losses stay
-    task-only.
+    Everything else is the wrapped Trainer's (its own ``compute_loss`` computes the task loss).
+    The logs gain ``task_loss`` and ``penalty`` (means over the optimizer steps since the last
+    log; ``task_loss + penalty`` equals the Trainer's ``loss``). Evaluation losses stay task-only.
 
     Gradient accumulation (transformers 5.x ``Trainer.training_step``/``compute_loss``): per
     micro-batch the Trainer calls ``compute_loss(model, inputs, num_items_in_batch)`` and then,
     unless the loss counts as "scaled for gradient accumulation", divides it by
     ``self.current_gradient_accumulation_steps`` (the number of micro-batches of this step)
     before ``accelerator.backward``. The loss counts as scaled when ``loss_is_scaled_for_ga`` is
-    set, else when ``model_accepts_loss_kwargs and num_items_in_batch is not None`` (the model
-    then returns ``sum / num_items_in_batch`` over the whole accumulated batch) or a
-    ``compute_loss_func`` is given. This class adds the penalty in ``compute_loss`` on the
-    **first micro-batch of each optimizer step only** (detected by ``state.global_step``
-    changing), multiplied by exactly the factor the Trainer will divide by (1 when scaled,
-    ``current_gradient_accumulation_steps`` otherwise). The gradient accumulated over a step is
-    therefore ``grad(task objective) + grad(penalty)`` in both regimes. The penalty is added after
-    the Trainer's ``average_tokens_across_devices`` rescaling of the task loss (which multiplies
-    by the number of processes to undo DDP's gradient averaging); every rank adds the same penalty
-    and DDP averages it, so it also enters once in multi-process training.
+    set, else when ``model_accepts_loss_kwargs and num_items_in_batch is not None`` (the model, or
+    e.g. TRL's ``SFTTrainer.compute_loss``, then returns ``sum / num_items_in_batch`` over the whole
+    accumulated batch) or a ``compute_loss_func`` is given. The mixin adds the penalty in
+    ``compute_loss`` on the **first micro-batch of each optimizer step only** (detected by
+    ``state.global_step`` changing), multiplied by exactly the factor the Trainer will divide by
+    (1 when scaled, ``current_gradient_accumulation_steps`` otherwise). The gradient accumulated
+    over a step is therefore ``grad(task objective) + grad(penalty)`` in both regimes. The penalty
+    is added after the Trainer's ``average_tokens_across_devices`` rescaling of the task loss
+    (which multiplies by the number of processes to undo DDP's gradient averaging); every rank adds
+    the same penalty and DDP averages it, so it also enters once in multi-process training.
     """
 
     def __init__(self, *args, penalty: nn.Module | None = None, **kwargs):
@@ -285,6 +286,21 @@ class PenalizedTrainer(_trainer_class()):
             self._log_task = self._log_penalty = 0.0
             self._log_steps = 0
         super().log(logs, *args, **kwargs)
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    return Trainer
+
+
+class PenalizedTrainer(PenaltyTrainerMixin, _trainer_class()):
+    """``transformers.Trainer`` whose training objective is ``task loss + penalty``:
+    :class:`PenaltyTrainerMixin` + ``Trainer``.
+
+    ``PenalizedTrainer(model, args, ..., penalty=LaplacePenalty(...))``; see the mixin for the
+    logs and the exact handling of gradient accumulation and multi-process token averaging.
+    """
 
 
 # ---------------------------------------------------------------------------------- finetune

@@ -192,7 +192,7 @@ def test_stale_registry_when_other_adapter_is_set_active():
 
 
 def test_stale_registry_when_adapter_is_deleted():
-    model, lora, pen = _stale_setup()
+    model, _, pen = _stale_setup()
     model.set_adapter("other")
     model.delete_adapter("default")
     with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*deleted"):
@@ -212,8 +212,7 @@ def test_stale_registry_when_merged_and_after_merge_and_unload():
 
 
 def test_stale_registry_inside_disable_adapter_context():
-    model, lora, pen = _stale_setup()
-    with model.disable_adapter():
-        with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*disabled"):
-            pen()
+    model, _, pen = _stale_setup()
+    with model.disable_adapter(), pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*disabled"):
+        pen()
     pen()

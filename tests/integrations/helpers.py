@@ -88,7 +88,7 @@ def fp32_twin(folder, quantized_peft_model):
         for name, module in base.named_modules():
             if isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
                 # peft's LoRA wrapper nests the quantized layer as `<name>.base_layer`
-                twin_name = name[: -len(".base_layer")] if name.endswith(".base_layer") else name
+                twin_name = name.removesuffix(".base_layer")
                 modules[twin_name].weight.copy_(dequantized_weight(module))
                 replaced += 1
     assert replaced == 14, replaced  # 7 linear layers x 2 decoder layers: all quantized

@@ -102,7 +102,7 @@ def test_4bit_finetune_step_with_checkpointing_equals_fp32_twin(folder):
     on the fp32 twin (no checkpointing)."""
     quantized = load_quantized(folder, 4)
     twin = fp32_twin(folder, quantized)
-    assert quantized.is_gradient_checkpointing and not twin.is_gradient_checkpointing
+    assert quantized.is_activation_checkpointing and not twin.is_activation_checkpointing
     batches = lm_batches(seed=3)
     results = []
     for model in (quantized, twin):
