@@ -208,7 +208,8 @@ class PenaltyTrainerMixin:
 
     Everything else is the wrapped Trainer's (its own ``compute_loss`` computes the task loss).
     The logs gain ``task_loss`` and ``penalty`` (means over the optimizer steps since the last
-    log; ``task_loss + penalty`` equals the Trainer's ``loss``). Evaluation losses stay task-only.
+    log and, like the Trainer's ``loss``, over processes; ``task_loss + penalty`` equals the
+    Trainer's ``loss``). Evaluation losses stay task-only.
 
     Gradient accumulation (transformers 5.x ``Trainer.training_step``/``compute_loss``): per
     micro-batch the Trainer calls ``compute_loss(model, inputs, num_items_in_batch)`` and then,
@@ -279,10 +280,21 @@ class PenaltyTrainerMixin:
                 loss = loss + divisor * pen
         return (loss, outputs) if return_outputs else loss
 
+    def _mean_over_processes(self, values: list[float]) -> list[float]:
+        """Mean across processes of per-process values, as the Trainer logs its ``loss`` (every
+        process calls ``log``; with ``average_tokens_across_devices`` each process's task loss is
+        its share of the global token sum times the number of processes, so only the mean over
+        processes is the global task loss)."""
+        if getattr(self.args, "world_size", 1) <= 1:
+            return values
+        local = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        return self.accelerator.gather(local[None]).mean(0).tolist()
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._log_steps > 0:
-            logs["task_loss"] = self._log_task / self._log_steps
-            logs["penalty"] = self._log_penalty / self._log_steps
+            task, penalty = self._mean_over_processes([self._log_task, self._log_penalty])
+            logs["task_loss"] = task / self._log_steps
+            logs["penalty"] = penalty / self._log_steps
             self._log_task = self._log_penalty = 0.0
             self._log_steps = 0
         super().log(logs, *args, **kwargs)
