@@ -286,6 +286,11 @@ class LoRAParams:
             warnings.warn(registry._untracked_message(untracked), UserWarning, stacklevel=2)
         return registry
 
+    def __getstate__(self) -> dict:
+        # a weak reference cannot be pickled (torch.save of a penalty, multiprocessing): the copy
+        # keeps no link to the model, so its untracked_trainable() is empty
+        return {**self.__dict__, "_model": None}
+
     # ------------------------------------------------------------------ what else trains
     def untracked_trainable(self) -> list[str]:
         """Names (as in ``model.named_parameters()``) of the parameters that train

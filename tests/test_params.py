@@ -216,3 +216,14 @@ def test_stale_registry_inside_disable_adapter_context():
     with model.disable_adapter(), pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*disabled"):
         pen()
     pen()
+
+
+def test_registry_pickles_without_its_model_link():
+    import pickle
+
+    model = _tiny_llama(modules_to_save=["lm_head"])
+    with pytest.warns(UserWarning):
+        lora = lc.LoRAParams.from_model(model)
+    copy = pickle.loads(pickle.dumps(lora))
+    assert copy.names == lora.names and copy.untracked_trainable() == []
+    assert lora.untracked_trainable()  # the original still reads the model live
