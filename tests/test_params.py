@@ -227,3 +227,25 @@ def test_registry_pickles_without_its_model_link():
     copy = pickle.loads(pickle.dumps(lora))
     assert copy.names == lora.names and copy.untracked_trainable() == []
     assert lora.untracked_trainable()  # the original still reads the model live
+
+
+def test_lora_layers_that_never_call_lora_a_b_are_refused_by_name():
+    """peft's LoRA on nn.MultiheadAttention merges the weights around the forward and its LoRA on
+    bare parameters (target_parameters) uses them functionally: the lora_A / lora_B modules (nn.Linear)
+    are never called, so hooks would see nothing. Conv LoRA is not a linear map. All refused by name."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+            self.conv = nn.Conv1d(8, 8, 1)
+
+    for targets, kind in ((["attn"], "MultiheadAttention"), (["conv"], "Conv1d")):
+        model = get_peft_model(Net(), LoraConfig(r=2, target_modules=targets + ["proj"]))
+        with pytest.raises(lc.LoRADiscoveryError, match=f"unsupported LoRA layer.*{targets[0]} \\({kind}\\)"):
+            lc.LoRAParams.from_model(model)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=[], target_parameters=["proj.weight"]))
+    with pytest.raises(lc.LoRADiscoveryError, match="unsupported LoRA layer.*proj \\(ParamWrapper\\)"):
+        lc.LoRAParams.from_model(model)
