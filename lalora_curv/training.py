@@ -197,6 +197,12 @@ class PenaltyLoop:
 
 
 # ---------------------------------------------------------------------------------- HF Trainer
+def _trainer_class():
+    from transformers import Trainer
+
+    return Trainer
+
+
 class PenaltyTrainerMixin:
     """Adds ``penalty=`` to any ``transformers.Trainer`` subclass: the training objective becomes
     ``task loss + penalty``. Put it first in the bases::
@@ -228,7 +234,18 @@ class PenaltyTrainerMixin:
     the same penalty and DDP averages it, so it also enters once in multi-process training.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # after the Trainer in the MRO, the Trainer's compute_loss/log would run instead of ours
+        trainer = _trainer_class()
+        if trainer in cls.__mro__ and cls.__mro__.index(trainer) < cls.__mro__.index(PenaltyTrainerMixin):
+            raise TypeError(f"{cls.__name__}: put PenaltyTrainerMixin before the Trainer class in the bases, e.g. "
+                            f"class {cls.__name__}(PenaltyTrainerMixin, trl.SFTTrainer)")
+
     def __init__(self, *args, penalty: nn.Module | None = None, **kwargs):
+        if not isinstance(self, _trainer_class()):
+            raise TypeError(f"{type(self).__name__}: PenaltyTrainerMixin needs a transformers.Trainer subclass "
+                            "after it in the bases")
         super().__init__(*args, **kwargs)
         self.penalty = penalty
         self._penalty_step: int | None = None  # global_step at which the penalty was last added
@@ -298,12 +315,6 @@ class PenaltyTrainerMixin:
             self._log_task = self._log_penalty = 0.0
             self._log_steps = 0
         super().log(logs, *args, **kwargs)
-
-
-def _trainer_class():
-    from transformers import Trainer
-
-    return Trainer
 
 
 class PenalizedTrainer(PenaltyTrainerMixin, _trainer_class()):

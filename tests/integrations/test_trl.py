@@ -131,3 +131,11 @@ def test_fit_curvature_callback_refuses_bad_arguments():
         FitCurvatureCallback([], structure="kfak")
     with pytest.raises(TypeError, match="one-shot iterator"):
         FitCurvatureCallback(iter([{}]))
+
+
+def test_mixin_order_and_base_are_checked():
+    with pytest.raises(TypeError, match="put PenaltyTrainerMixin before the Trainer class"):
+        type("Wrong", (trl.SFTTrainer, PenaltyTrainerMixin), {})
+    lonely = type("Lonely", (PenaltyTrainerMixin,), {})
+    with pytest.raises(TypeError, match="needs a transformers.Trainer subclass"):
+        lonely(penalty=None)
