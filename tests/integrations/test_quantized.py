@@ -156,3 +156,16 @@ def test_untracked_trainable_is_warned_for_quantized_models_too(folder):
         lora = lc.LoRAParams.from_model(model)
     assert any("lm_head.modules_to_save.default.weight" in str(w.message) for w in caught)
     assert lora.untracked_trainable() == ["base_model.model.lm_head.modules_to_save.default.weight"]
+
+
+@pytest.mark.parametrize("kind", ["mc", "ggn"])
+def test_4bit_other_kinds_equal_the_twin(four_bit, kind):
+    """Sampled (mc, same seed) and exact GGN backward vectors go through the quantized layers too."""
+    quantized, twin = four_bit
+    batches = lm_batches(num=1)
+    fits = [lc.fit_curvature(m, batches, structure="kfac_tridiag", kind=kind, seed=3, progress=False,
+                             factor_dtype=torch.float64) for m in (quantized, twin)]
+    X = torch.randn(fits[1].num_params, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = fits[1].matmat(X)
+    assert reference.norm() > 0
+    torch.testing.assert_close(fits[0].matmat(X), reference, rtol=1e-5, atol=1e-5 * float(reference.abs().max()))
