@@ -41,15 +41,15 @@ def randomize_lora(model, seed: int = 0) -> None:
                 p.copy_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
 
 
-def load_quantized(folder, bits: int, seed: int = 0, **lora_kwargs):
+def load_quantized(folder, bits: int, seed: int = 0, compute_dtype=torch.float32, **lora_kwargs):
     """QLoRA's path: ``from_pretrained(quantization_config=BitsAndBytesConfig(...))`` (NF4 with fp32
-    compute dtype, or LLM.int8), ``prepare_model_for_kbit_training`` (which also turns gradient
+    compute dtype by default, or LLM.int8), ``prepare_model_for_kbit_training`` (which also turns gradient
     checkpointing on), ``get_peft_model``; random non-zero LoRA weights."""
     from peft import get_peft_model, prepare_model_for_kbit_training
     from transformers import BitsAndBytesConfig, LlamaForCausalLM
 
     if bits == 4:
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute_dtype)
     elif bits == 8:
         quant = BitsAndBytesConfig(load_in_8bit=True)
     else:
