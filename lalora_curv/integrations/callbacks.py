@@ -59,7 +59,9 @@ class FitCurvatureCallback(TrainerCallback):
                  adapter_name: str = "default", save: bool = True, **options):
         if structure not in STRUCTURES:
             raise ValueError(f"unknown structure {structure!r}; choose one of {STRUCTURES}")
-        if isinstance(batches, Iterable) and not isinstance(batches, (list, tuple)) and iter(batches) is batches:
+        if not isinstance(batches, Iterable):
+            raise TypeError(f"batches must be a list of batch dicts (or a re-iterable), got {type(batches).__name__}")
+        if not isinstance(batches, (list, tuple)) and iter(batches) is batches:
             raise TypeError("batches is a one-shot iterator; pass a list (or a re-iterable such as a DataLoader) so "
                             "the fit at the end of training sees the data")
         self.batches = batches

@@ -131,6 +131,8 @@ def test_fit_curvature_callback_refuses_bad_arguments():
         FitCurvatureCallback([], structure="kfak")
     with pytest.raises(TypeError, match="one-shot iterator"):
         FitCurvatureCallback(iter([{}]))
+    with pytest.raises(TypeError, match="batches must be a list.*got NoneType"):
+        FitCurvatureCallback(None)
 
 
 def test_mixin_order_and_base_are_checked():
