@@ -27,7 +27,8 @@ from .penalties import L2Penalty, LaplacePenalty
 
 __version__ = "0.1.0"
 
-_LAZY = {"PenalizedTrainer": "training", "PenaltyLoop": "training", "finetune": "training"}
+_LAZY = {"PenalizedTrainer": "training", "PenaltyLoop": "training", "finetune": "training",
+         "PenaltyTrainerMixin": "training", "FitCurvatureCallback": "integrations.callbacks"}
 
 
 def __getattr__(name):
@@ -43,5 +44,5 @@ __all__ = [
     "CurvatureOperator",
     "LaplacePenalty", "L2Penalty", "STRUCTURES", "KINDS", "BACKENDS", "CurvatureFileError",
     "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "TaskSequence", "finetune",
-    "PenalizedTrainer", "PenaltyLoop", "__version__",
+    "PenalizedTrainer", "PenaltyLoop", "PenaltyTrainerMixin", "FitCurvatureCallback", "__version__",
 ]

@@ -13,6 +13,8 @@ Conventions (fixed by the public API, see docs/concepts.md):
 
 from __future__ import annotations
 
+import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -32,12 +34,15 @@ class LoRALayer:
 
     Attributes:
         name: module path of the peft LoRA layer (e.g. ``base_model.model.model.layers.0.self_attn.q_proj``).
-        module: the peft LoRA layer itself (``peft.tuners.lora.Linear``).
+        module: the peft LoRA layer itself (``peft.tuners.lora.Linear``, or a quantized-base one such
+            as ``peft.tuners.lora.bnb.Linear4bit`` / ``Linear8bitLt``).
         adapter_name: which adapter of ``module`` this entry describes.
         A: ``lora_A`` weight, shape ``(r, d_in)``.
         B: ``lora_B`` weight, shape ``(d_out, r)``.
         lora_A, lora_B: the ``nn.Linear`` modules holding ``A`` and ``B`` (hook points).
-        base: the frozen base layer (``nn.Linear`` or transformers ``Conv1D``).
+        base: the frozen base layer (``nn.Linear``, transformers ``Conv1D``, or a quantized linear
+            layer such as ``bitsandbytes.nn.Linear4bit``: nothing in the fit or the penalties reads
+            its weight, which stays quantized).
         fan_in_fan_out: True when the base weight is stored as ``(d_in, d_out)`` (GPT-2 Conv1D).
     """
 
@@ -74,8 +79,31 @@ class LoRALayer:
     def numel(self) -> int:
         return self.A.numel() + self.B.numel()
 
+    @property
+    def base_is_quantized(self) -> bool:
+        """True when the base layer holds no plain floating ``(d_out, d_in)`` weight (bitsandbytes
+        4-/8-bit, GPTQ, AWQ, ... bases): its weight is packed integers, not the matrix."""
+        weight = getattr(self.base, "weight", None)
+        if not isinstance(weight, Tensor) or not weight.dtype.is_floating_point:
+            return True
+        expected = (self.d_in, self.d_out) if self.fan_in_fan_out else (self.d_out, self.d_in)
+        return tuple(weight.shape) != expected
+
     def base_weight(self) -> Tensor:
-        """The frozen base weight in the ``(d_out, d_in)`` convention (Conv1D transposed)."""
+        """The frozen base weight in the ``(d_out, d_in)`` convention (Conv1D transposed).
+
+        Raises ``TypeError`` for a quantized base (see :attr:`base_is_quantized`): its stored weight
+        is packed integers; dequantize it with the quantization library if you need the matrix. No
+        curvature structure needs it (``kfac_delta_w`` uses only the layer's inputs and output
+        gradients).
+        """
+        if self.base_is_quantized:
+            weight = getattr(self.base, "weight", None)
+            raise TypeError(
+                f"{self.name}: the base layer {type(self.base).__name__} is quantized (weight "
+                f"{type(weight).__name__} of dtype {getattr(weight, 'dtype', None)}, shape "
+                f"{tuple(getattr(weight, 'shape', ()))}), not a ({self.d_out}, {self.d_in}) matrix; dequantize it "
+                "with its quantization library (e.g. bitsandbytes.functional.dequantize_4bit)")
         weight = self.base.weight
         return weight.T if self.fan_in_fan_out else weight
 
@@ -87,10 +115,36 @@ class LoRALayer:
 
 
 def _lora_layer_types():
-    from peft.tuners.lora import Linear as LoraLinear
+    """peft's ``LoraLayer`` base class, and the ``LoraLayer`` classes that never *call* their
+    ``lora_A`` / ``lora_B`` modules (they merge the weights before the forward, or use them
+    functionally), so hooks on those modules would see nothing: refused by name."""
     from peft.tuners.lora import LoraLayer
+    from peft.tuners.lora import layer as lora_layer_module
 
-    return LoraLayer, LoraLinear
+    not_called = tuple(getattr(lora_layer_module, name) for name in ("MultiheadAttention", "ParamWrapper")
+                       if hasattr(lora_layer_module, name))
+    return LoraLayer, not_called
+
+
+def _adapter_state_problem(module: nn.Module, adapter_name: str) -> str | None:
+    """Why the LoRA layer ``module`` does not currently apply ``adapter_name`` (None when it does)."""
+    if getattr(module, "merged", False):
+        return "adapter is merged into the base weight; unmerge first"
+    if module.disable_adapters:
+        return "adapters are disabled on this layer (e.g. inside `with model.disable_adapter():`)"
+    if adapter_name not in module.active_adapters:
+        return f"adapter {adapter_name!r} is not active (active: {module.active_adapters})"
+    return None
+
+
+def _untracked_trainable(model: nn.Module, tracked: set[int]) -> list[str]:
+    """Names of the parameters of ``model`` that train (``requires_grad``) but are not in ``tracked``."""
+    names, seen = [], set(tracked)
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            names.append(name)
+    return names
 
 
 class LoRAParams:
@@ -101,7 +155,7 @@ class LoRAParams:
     ``B.flatten()``.
     """
 
-    def __init__(self, layers: list[LoRALayer], adapter_name: str):
+    def __init__(self, layers: list[LoRALayer], adapter_name: str, model: nn.Module | None = None):
         if not layers:
             raise LoRADiscoveryError("LoRAParams needs at least one LoRA layer")
         self.layers = layers
@@ -115,19 +169,30 @@ class LoRAParams:
         for n in self.numels:
             offsets.append(offsets[-1] + n)
         self.offsets = offsets
+        # a weak reference: the registry must not keep a deleted model alive
+        self._model = weakref.ref(model) if model is not None else None
 
     # ------------------------------------------------------------------ discovery
     @classmethod
     def from_model(cls, model: nn.Module, adapter_name: str = "default") -> LoRAParams:
         """Discover the peft LoRA layers of ``adapter_name`` in ``model``.
 
-        Works on a ``PeftModel`` and on any module containing peft LoRA layers. Raises
-        :class:`LoRADiscoveryError` naming the problem: no LoRA layers (with the adapters that do
-        exist), unknown adapter, unsupported layer types (embedding / convolution LoRA), DoRA or
-        other variants, ``lora_bias``, merged or disabled adapters, frozen LoRA matrices, tied
-        (shared) LoRA weights.
+        Works on a ``PeftModel`` and on any module containing peft LoRA layers. Accepted: every
+        peft ``LoraLayer`` whose ``lora_A`` / ``lora_B`` of this adapter are ``nn.Linear`` maps
+        called in its forward: ``lora.Linear`` over ``nn.Linear`` / GPT-2 ``Conv1D`` and the
+        quantized-base layers peft builds the same way (bitsandbytes ``Linear4bit`` /
+        ``Linear8bitLt``, GPTQ, AWQ, HQQ, EETQ, torchao, ...). Raises :class:`LoRADiscoveryError`
+        naming the problem: no LoRA layers (with the adapters that do exist), unknown adapter,
+        unsupported layer types (embedding / convolution LoRA, LoRA on ``nn.MultiheadAttention`` or
+        on bare parameters, which never call ``lora_A``/``lora_B``), DoRA or other variants,
+        ``lora_bias``, merged or disabled adapters, frozen LoRA matrices, tied (shared) LoRA weights.
+
+        Parameters that train (``requires_grad``) but are not LoRA matrices of this adapter
+        (``modules_to_save`` copies, trainable tokens, LoRA-trained biases, ...) are in neither the
+        curvature nor the penalties: a ``UserWarning`` names them (see
+        :meth:`untracked_trainable`).
         """
-        LoraLayer, LoraLinear = _lora_layer_types()
+        LoraLayer, not_called_as_modules = _lora_layer_types()
         # DDP / DataParallel wrappers prefix every name with "module.": register the inner model so
         # a curvature fitted on the bare model fits the wrapped one too
         from torch.nn.parallel import DataParallel, DistributedDataParallel
@@ -147,7 +212,9 @@ class LoRAParams:
             adapters_found |= adapters_here
             if adapter_name not in adapters_here:
                 continue
-            if not isinstance(module, LoraLinear) or adapter_name not in module.lora_A:
+            if adapter_name not in module.lora_A or isinstance(module, not_called_as_modules) or not (
+                    isinstance(module.lora_A[adapter_name], nn.Linear)
+                    and isinstance(module.lora_B[adapter_name], nn.Linear)):
                 unsupported.append(f"{mod_name} ({type(module).__name__})")
                 continue
             if adapter_name in getattr(module, "lora_variant", {}) or module.use_dora.get(adapter_name, False):
@@ -156,16 +223,9 @@ class LoRAParams:
             if module.lora_bias.get(adapter_name, False):
                 problems.append(f"{mod_name}: lora_bias=True is not supported (B has a bias)")
                 continue
-            if getattr(module, "merged", False):
-                problems.append(f"{mod_name}: adapter is merged into the base weight; unmerge first")
-                continue
-            if module.disable_adapters:
-                problems.append(f"{mod_name}: adapters are disabled on this layer")
-                continue
-            if adapter_name not in module.active_adapters:
-                problems.append(
-                    f"{mod_name}: adapter {adapter_name!r} is not active (active: {module.active_adapters})"
-                )
+            state_problem = _adapter_state_problem(module, adapter_name)
+            if state_problem is not None:
+                problems.append(f"{mod_name}: {state_problem}")
                 continue
             lora_A, lora_B = module.lora_A[adapter_name], module.lora_B[adapter_name]
             A, B = lora_A.weight, lora_B.weight
@@ -205,7 +265,8 @@ class LoRAParams:
         if unsupported:
             raise LoRADiscoveryError(
                 "unsupported LoRA layer types for adapter "
-                f"{adapter_name!r} (only linear / Conv1D LoRA is supported): " + ", ".join(unsupported)
+                f"{adapter_name!r} (supported: LoRA layers whose lora_A / lora_B are nn.Linear maps called in the "
+                "forward, over nn.Linear, Conv1D or quantized linear bases): " + ", ".join(unsupported)
             )
         if problems:
             raise LoRADiscoveryError("cannot use these LoRA layers: " + "; ".join(problems))
@@ -219,7 +280,36 @@ class LoRAParams:
                 f"no LoRA parameters found in {type(model).__name__}: attach peft LoRA layers first "
                 "(peft.get_peft_model(model, LoraConfig(...)))"
             )
-        return cls(layers, adapter_name)
+        registry = cls(layers, adapter_name, model=model)
+        untracked = registry.untracked_trainable()
+        if untracked:
+            warnings.warn(registry.untracked_message(untracked), UserWarning, stacklevel=2)
+        return registry
+
+    def __getstate__(self) -> dict:
+        # a weak reference cannot be pickled (torch.save of a penalty, multiprocessing): the copy
+        # keeps no link to the model, so its untracked_trainable() is empty
+        return {**self.__dict__, "_model": None}
+
+    # ------------------------------------------------------------------ what else trains
+    def untracked_trainable(self) -> list[str]:
+        """Names (as in ``model.named_parameters()``) of the parameters that train
+        (``requires_grad=True``) but are not LoRA matrices of this registry: ``modules_to_save``
+        copies, peft trainable tokens (``trainable_token_indices``), LoRA-trained biases, other
+        trainable adapters. They are in neither the curvature nor the penalties, so nothing
+        protects them against forgetting. Read live from the model (empty when the registry was
+        built without one, or the model no longer exists)."""
+        model = self._model() if self._model is not None else None
+        if model is None:
+            return []
+        return _untracked_trainable(model, {id(p) for p in self.params})
+
+    @staticmethod
+    def untracked_message(names: list[str]) -> str:
+        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+        return ("these parameters train (requires_grad=True) but are not LoRA A/B matrices, so they are in neither "
+                f"the curvature nor the penalty (nothing anchors them): {shown}. Freeze them "
+                "(requires_grad_(False)) or accept that they are unprotected.")
 
     # ------------------------------------------------------------------ flat vectors
     def flatten(self, tensors: Mapping[str, Tensor] | None = None) -> Tensor:
@@ -251,15 +341,24 @@ class LoRAParams:
         }
 
     def check_live(self) -> None:
-        """Raise if the model's LoRA layers were replaced since this registry was built."""
+        """Raise :class:`LoRADiscoveryError` if this registry went stale: a LoRA layer was deleted,
+        re-created or replaced since it was built, or no longer applies this adapter (another
+        adapter set active, adapter merged into the base weight, adapters disabled, e.g. inside
+        ``with model.disable_adapter():``). A stale registry would fit or penalise weights that do
+        not act in the model's forward."""
         for layer in self.layers:
             lora_A, lora_B = getattr(layer.module, "lora_A", {}), getattr(layer.module, "lora_B", {})
             name = layer.adapter_name
             if name not in lora_A or name not in lora_B or lora_A[name].weight is not layer.A \
                     or lora_B[name].weight is not layer.B:
                 raise LoRADiscoveryError(
-                    f"LoRA layer {layer.name} changed since the registry was built (adapter deleted, re-created or "
-                    "replaced): rebuild LoRAParams.from_model(model) and refit or reload the curvature")
+                    f"stale LoRA registry: LoRA layer {layer.name} changed since the registry was built (adapter "
+                    "deleted, re-created or replaced): rebuild LoRAParams.from_model(model) and refit or reload the "
+                    "curvature")
+            problem = _adapter_state_problem(layer.module, name)
+            if problem is not None:
+                raise LoRADiscoveryError(
+                    f"stale LoRA registry: {layer.name}: {problem}; the registry's weights do not act in the forward")
 
     def split_layers(self, vec: Tensor) -> list[tuple[Tensor, Tensor]]:
         """Split a flat vector into per-layer ``(A-part (r, d_in), B-part (d_out, r))`` views."""
@@ -295,4 +394,9 @@ class LoRAParams:
         return len(self.layers)
 
     def __repr__(self) -> str:
-        return f"LoRAParams(adapter={self.adapter_name!r}, layers={len(self.layers)}, numel={self.numel})"
+        text = f"LoRAParams(adapter={self.adapter_name!r}, layers={len(self.layers)}, numel={self.numel}"
+        untracked = self.untracked_trainable()
+        if untracked:
+            shown = ", ".join(untracked[:4]) + (f", ... ({len(untracked)} in all)" if len(untracked) > 4 else "")
+            text += f", untracked_trainable=[{shown}]"
+        return text + ")"

@@ -10,8 +10,10 @@ optimizer step**, never once per micro-batch (SEMANTICS §9). Three ways in:
 * :class:`PenaltyLoop` — a plain-PyTorch helper for custom loops with gradient accumulation: call
   ``loop.backward(micro_batch_loss)`` per micro-batch; on the last micro-batch of a step it
   back-propagates the penalty once (weight 1), clips, steps and zeroes the gradients.
-* :class:`PenalizedTrainer` — a ``transformers.Trainer`` subclass (``penalty=``), exact under
-  gradient accumulation with and without ``num_items_in_batch`` (see its docstring).
+* :class:`PenaltyTrainerMixin` — adds ``penalty=`` to any ``transformers.Trainer`` subclass
+  (``class T(PenaltyTrainerMixin, trl.SFTTrainer)``), exact under gradient accumulation with and
+  without ``num_items_in_batch`` (see its docstring); :class:`PenalizedTrainer` is the mixin +
+  ``Trainer``.
 
 :func:`finetune` trains the LoRA parameters of a peft causal LM with :class:`PenaltyLoop`.
 
@@ -34,7 +36,7 @@ from torch import Tensor, nn
 from .losses import IGNORE_INDEX, batch_to_device, forward_terms
 from .params import LoRAParams
 
-__all__ = ["penalized_loss", "PenaltyLoop", "PenalizedTrainer", "finetune", "FinetuneResult", "count_terms",
+__all__ = ["penalized_loss", "PenaltyLoop", "PenaltyTrainerMixin", "PenalizedTrainer", "finetune", "FinetuneResult", "count_terms",
            "task_loss_sum"]
 
 
@@ -204,32 +206,49 @@ def _trainer_class():
     return Trainer
 
 
-class PenalizedTrainer(_trainer_class()):
-    """``transformers.Trainer`` whose training objective is ``task loss + penalty``.
+class PenaltyTrainerMixin:
+    """Adds ``penalty=`` to any ``transformers.Trainer`` subclass: the training objective becomes
+    ``task loss + penalty``. Put it first in the bases::
 
-    ``PenalizedTrainer(model, args, ..., penalty=LaplacePenalty(...))``; everything else is the
-    Trainer's. The logs gain ``task_loss`` and ``penalty`` (means over the optimizer steps since
-    the last log; ``task_loss + penalty`` equals the Trainer's ``loss``). Evaluation losses stay
-    task-only.
+        class PenalizedSFTTrainer(PenaltyTrainerMixin, trl.SFTTrainer):
+            pass
+
+        trainer = PenalizedSFTTrainer(model=model, args=sft_config, train_dataset=ds, penalty=pen)
+
+    Everything else is the wrapped Trainer's (its own ``compute_loss`` computes the task loss).
+    The logs gain ``task_loss`` and ``penalty`` (means over the optimizer steps since the last
+    log and, like the Trainer's ``loss``, over processes; ``task_loss + penalty`` equals the
+    Trainer's ``loss``). Evaluation losses stay task-only.
 
     Gradient accumulation (transformers 5.x ``Trainer.training_step``/``compute_loss``): per
     micro-batch the Trainer calls ``compute_loss(model, inputs, num_items_in_batch)`` and then,
     unless the loss counts as "scaled for gradient accumulation", divides it by
     ``self.current_gradient_accumulation_steps`` (the number of micro-batches of this step)
     before ``accelerator.backward``. The loss counts as scaled when ``loss_is_scaled_for_ga`` is
-    set, else when ``model_accepts_loss_kwargs and num_items_in_batch is not None`` (the model
-    then returns ``sum / num_items_in_batch`` over the whole accumulated batch) or a
-    ``compute_loss_func`` is given. This class adds the penalty in ``compute_loss`` on the
-    **first micro-batch of each optimizer step only** (detected by ``state.global_step``
-    changing), multiplied by exactly the factor the Trainer will divide by (1 when scaled,
-    ``current_gradient_accumulation_steps`` otherwise). The gradient accumulated over a step is
-    therefore ``grad(task objective) + grad(penalty)`` in both regimes. The penalty is added after
-    the Trainer's ``average_tokens_across_devices`` rescaling of the task loss (which multiplies
-    by the number of processes to undo DDP's gradient averaging); every rank adds the same penalty
-    and DDP averages it, so it also enters once in multi-process training.
+    set, else when ``model_accepts_loss_kwargs and num_items_in_batch is not None`` (the model, or
+    e.g. TRL's ``SFTTrainer.compute_loss``, then returns ``sum / num_items_in_batch`` over the whole
+    accumulated batch) or a ``compute_loss_func`` is given. The mixin adds the penalty in
+    ``compute_loss`` on the **first micro-batch of each optimizer step only** (detected by
+    ``state.global_step`` changing), multiplied by exactly the factor the Trainer will divide by
+    (1 when scaled, ``current_gradient_accumulation_steps`` otherwise). The gradient accumulated
+    over a step is therefore ``grad(task objective) + grad(penalty)`` in both regimes. The penalty
+    is added after the Trainer's ``average_tokens_across_devices`` rescaling of the task loss
+    (which multiplies by the number of processes to undo DDP's gradient averaging); every rank adds
+    the same penalty and DDP averages it, so it also enters once in multi-process training.
     """
 
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        # after the Trainer in the MRO, the Trainer's compute_loss/log would run instead of ours
+        trainer = _trainer_class()
+        if trainer in cls.__mro__ and cls.__mro__.index(trainer) < cls.__mro__.index(PenaltyTrainerMixin):
+            raise TypeError(f"{cls.__name__}: put PenaltyTrainerMixin before the Trainer class in the bases, e.g. "
+                            f"class {cls.__name__}(PenaltyTrainerMixin, trl.SFTTrainer)")
+
     def __init__(self, *args, penalty: nn.Module | None = None, **kwargs):
+        if not isinstance(self, _trainer_class()):
+            raise TypeError(f"{type(self).__name__}: PenaltyTrainerMixin needs a transformers.Trainer subclass "
+                            "after it in the bases")
         super().__init__(*args, **kwargs)
         self.penalty = penalty
         self._penalty_step: int | None = None  # global_step at which the penalty was last added
@@ -281,13 +300,33 @@ class PenalizedTrainer(_trainer_class()):
                 loss = loss + divisor * pen
         return (loss, outputs) if return_outputs else loss
 
+    def _mean_over_processes(self, values: list[float]) -> list[float]:
+        """Mean across processes of per-process values, as the Trainer logs its ``loss`` (every
+        process calls ``log``; with ``average_tokens_across_devices`` each process's task loss is
+        its share of the global token sum times the number of processes, so only the mean over
+        processes is the global task loss)."""
+        if getattr(self.args, "world_size", 1) <= 1:
+            return values
+        local = torch.tensor(values, dtype=torch.float64, device=self.args.device)
+        return self.accelerator.gather(local[None]).mean(0).tolist()
+
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if "loss" in logs and self._log_steps > 0:
-            logs["task_loss"] = self._log_task / self._log_steps
-            logs["penalty"] = self._log_penalty / self._log_steps
+            task, penalty = self._mean_over_processes([self._log_task, self._log_penalty])
+            logs["task_loss"] = task / self._log_steps
+            logs["penalty"] = penalty / self._log_steps
             self._log_task = self._log_penalty = 0.0
             self._log_steps = 0
         super().log(logs, *args, **kwargs)
+
+
+class PenalizedTrainer(PenaltyTrainerMixin, _trainer_class()):
+    """``transformers.Trainer`` whose training objective is ``task loss + penalty``:
+    :class:`PenaltyTrainerMixin` + ``Trainer``.
+
+    ``PenalizedTrainer(model, args, ..., penalty=LaplacePenalty(...))``; see the mixin for the
+    logs and the exact handling of gradient accumulation and multi-process token averaging.
+    """
 
 
 # ---------------------------------------------------------------------------------- finetune
@@ -345,6 +384,17 @@ def _run_eval(model: nn.Module, eval_fn: Callable[[nn.Module], Mapping[str, floa
     return {k: float(v) for k, v in metrics.items()}
 
 
+def _trainable_parameters(model: nn.Module, lora: LoRAParams) -> list[nn.Parameter]:
+    """The LoRA matrices (canonical order), then every other ``requires_grad`` parameter of ``model``
+    (``modules_to_save`` copies, trainable tokens, ...) once each."""
+    params, seen = list(lora.params), {id(p) for p in lora.params}
+    for p in model.parameters():
+        if p.requires_grad and id(p) not in seen:
+            seen.add(id(p))
+            params.append(p)
+    return params
+
+
 def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Module | None = None, steps: int,
              lr: float, grad_accum: int = 1, seed: int,
              eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None, eval_every: int | None = None,
@@ -352,7 +402,10 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
              max_grad_norm: float | None = None, lora: LoRAParams | None = None) -> FinetuneResult:
     """LoRA fine-tuning of a peft causal LM (or classifier) with an optional penalty.
 
-    Only the LoRA parameters (``LoRAParams.from_model(model)``) are given to the optimizer. Each
+    The optimizer trains what peft marks trainable: every ``requires_grad`` parameter of
+    ``model`` (the LoRA matrices, and also ``modules_to_save`` copies, trainable tokens, biases
+    with ``bias="lora_only"``; the penalty covers the LoRA matrices only, and
+    ``LoRAParams.untracked_trainable()`` names the rest). Each
     optimizer step takes the next ``grad_accum`` batches of ``train_batches`` (cycled in order,
     no shuffling) and minimises ``sum_terms CE / num_terms`` over those micro-batches (exact
     token mean of the step, SEMANTICS §1 terms) ``+ penalty()`` (once per step, via
@@ -395,8 +448,9 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        opt = _make_optimizer(optimizer, lora.params, lr, weight_decay)
-        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=lora.params)
+        trainable = _trainable_parameters(model, lora)
+        opt = _make_optimizer(optimizer, trainable, lr, weight_decay)
+        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=trainable)
         if eval_fn is not None:
             initial_eval = _run_eval(model, eval_fn)
         model.train()

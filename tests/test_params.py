@@ -118,3 +118,134 @@ def test_gpt2_conv1d_supported_with_transposed_base():
     curv = lc.fit_curvature(model, [{"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}],
                             structure="kfac_delta_w", progress=False)
     assert curv.num_params == 48 * 16
+
+
+def _tiny_llama(attention_bias=False, **lora_kwargs):
+    """fp64 tiny Llama with LoRA on q_proj/v_proj plus the given LoraConfig options."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=23, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, attention_bias=attention_bias)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian", **lora_kwargs)
+    return get_peft_model(LlamaForCausalLM(cfg), config).to(torch.float64)
+
+
+@pytest.mark.parametrize("option, expected", [
+    ({"modules_to_save": ["lm_head"]}, ["base_model.model.lm_head.modules_to_save.default.weight"]),
+    ({"trainable_token_indices": [1, 2]},
+     ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]),
+    ({"bias": "lora_only", "attention_bias": True},
+     ["base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias",
+      "base_model.model.model.layers.0.self_attn.v_proj.base_layer.bias"]),
+])
+def test_trainable_non_lora_parameters_are_named_in_warning_and_repr(option, expected):
+    """modules_to_save copies, trainable tokens, LoRA-trained biases train but are not LoRA A/B: they
+    are in neither the curvature nor the penalty, so discovery warns with their names and the repr
+    shows them."""
+    model = _tiny_llama(**option)
+    with pytest.warns(UserWarning, match="neither the curvature nor the penalty") as caught:
+        lora = lc.LoRAParams.from_model(model)
+    message = str(caught[0].message)
+    assert all(name in message for name in expected)
+    assert lora.untracked_trainable() == expected
+    assert f"untracked_trainable=[{expected[0]}" in repr(lora)
+    # frozen again: nothing left untracked, the repr and the warning follow live
+    for name, p in model.named_parameters():
+        if name in expected:
+            p.requires_grad_(False)
+    assert lora.untracked_trainable() == [] and "untracked" not in repr(lora)
+
+
+def test_plain_lora_model_warns_nothing():
+    import warnings
+
+    model = _tiny_llama()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lora = lc.LoRAParams.from_model(model)
+    assert lora.untracked_trainable() == []
+    assert repr(lora) == "LoRAParams(adapter='default', layers=2, numel=112)"  # q: 2x16 + 16x2, v: 2x16 + 8x2
+
+
+def _stale_setup():
+    from peft import LoraConfig
+
+    model = _tiny_llama()
+    model.add_adapter("other", LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian"))
+    lora = lc.LoRAParams.from_model(model)  # adapter "default", still the active one
+    lora.check_live()
+    pen = lc.L2Penalty(anchor={k: v + 1 for k, v in lora.snapshot().items()}, strength=1.0, lora=lora)
+    assert float(pen()) > 0
+    return model, lora, pen
+
+
+def test_stale_registry_when_other_adapter_is_set_active():
+    model, lora, pen = _stale_setup()
+    model.set_adapter("other")
+    for use in (lora.check_live, pen):
+        with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*'default' is not active"):
+            use()
+    model.set_adapter("default")
+    pen()
+
+
+def test_stale_registry_when_adapter_is_deleted():
+    model, _, pen = _stale_setup()
+    model.set_adapter("other")
+    model.delete_adapter("default")
+    with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*deleted"):
+        pen()
+
+
+def test_stale_registry_when_merged_and_after_merge_and_unload():
+    model, lora, pen = _stale_setup()
+    model.merge_adapter()
+    with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*merged"):
+        pen()
+    model.unmerge_adapter()
+    pen()
+    model.merge_and_unload()
+    with pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*merged"):
+        lora.check_live()
+
+
+def test_stale_registry_inside_disable_adapter_context():
+    model, _, pen = _stale_setup()
+    with model.disable_adapter(), pytest.raises(lc.LoRADiscoveryError, match="stale LoRA registry.*q_proj.*disabled"):
+        pen()
+    pen()
+
+
+def test_registry_pickles_without_its_model_link():
+    import pickle
+
+    model = _tiny_llama(modules_to_save=["lm_head"])
+    with pytest.warns(UserWarning):
+        lora = lc.LoRAParams.from_model(model)
+    copy = pickle.loads(pickle.dumps(lora))
+    assert copy.names == lora.names and copy.untracked_trainable() == []
+    assert lora.untracked_trainable()  # the original still reads the model live
+
+
+def test_lora_layers_that_never_call_lora_a_b_are_refused_by_name():
+    """peft's LoRA on nn.MultiheadAttention merges the weights around the forward and its LoRA on
+    bare parameters (target_parameters) uses them functionally: the lora_A / lora_B modules (nn.Linear)
+    are never called, so hooks would see nothing. Conv LoRA is not a linear map. All refused by name."""
+    from peft import LoraConfig, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.proj = nn.Linear(8, 8)
+            self.conv = nn.Conv1d(8, 8, 1)
+
+    for targets, kind in ((["attn"], "MultiheadAttention"), (["conv"], "Conv1d")):
+        model = get_peft_model(Net(), LoraConfig(r=2, target_modules=targets + ["proj"]))
+        with pytest.raises(lc.LoRADiscoveryError, match=f"unsupported LoRA layer.*{targets[0]} \\({kind}\\)"):
+            lc.LoRAParams.from_model(model)
+    model = get_peft_model(Net(), LoraConfig(r=2, target_modules=[], target_parameters=["proj.weight"]))
+    with pytest.raises(lc.LoRADiscoveryError, match="unsupported LoRA layer.*proj \\(ParamWrapper\\)"):
+        lc.LoRAParams.from_model(model)

@@ -291,3 +291,40 @@ def test_laplace_anchors_high_curvature_directions_more_than_l2():
     ratio_laplace = displacement_ratio(lc.LaplacePenalty(curv, anchor=theta0, strength=strength, lora=lora))
     ratio_l2 = displacement_ratio(lc.L2Penalty(anchor=theta0, strength=strength, lora=lora))
     assert ratio_laplace < ratio_l2, (ratio_laplace, ratio_l2)
+
+
+def test_finetune_trains_everything_peft_marks_trainable():
+    """modules_to_save copies and trainable tokens train too (one SGD step = -lr * gradient of the
+    step's token-mean loss + penalty, for every requires_grad parameter), not only LoRA A/B; the
+    frozen originals stay."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lalora_curv.training import count_terms
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=37, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2)
+    config = LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights="gaussian",
+                        modules_to_save=["lm_head"], trainable_token_indices=[1, 2, 3])
+    model = get_peft_model(LlamaForCausalLM(cfg), config).to(torch.float64)
+    with pytest.warns(UserWarning, match="trainable_tokens_delta.*modules_to_save"):
+        lora = lc.LoRAParams.from_model(model)
+    pen = lc.L2Penalty(anchor={k: v + 0.1 for k, v in lora.snapshot().items()}, strength=1.0, lora=lora)
+    batches = make_batches(2, batch_size=2, seed=8, vocab_range=(0, 6))  # tokens 1-3 occur
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    extra = [n for n in trainable if "lora_" not in n]
+    assert any("modules_to_save" in n for n in extra) and any("trainable_tokens_delta" in n for n in extra)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.train()
+    total = sum(count_terms(b) for b in batches)
+    objective = sum(task_loss_sum(model, b) for b in batches) / total + pen()
+    grads = dict(zip(trainable, torch.autograd.grad(objective, list(trainable.values()))))
+    lr = 0.5
+    finetune(model, batches, penalty=pen, steps=1, lr=lr, grad_accum=2, optimizer="sgd", seed=0, progress=False)
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert grads[name].norm() > 0, name
+            torch.testing.assert_close(p.detach(), before[name] - lr * grads[name], rtol=0, atol=1e-12)
+        else:
+            assert torch.equal(p.detach(), before[name]), name

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -126,7 +127,14 @@ class CurvatureFitter:
         _check_choice("backend", backend, BACKENDS)
         _check_options(cls, kind, backend, options)
         self.model, self.structure = model, structure
-        self.lora = lora if lora is not None else LoRAParams.from_model(model)
+        if lora is None:
+            lora = LoRAParams.from_model(model)  # warns about trainable parameters outside the registry
+        else:
+            untracked = lora.untracked_trainable()
+            if untracked:
+                warnings.warn(lora.untracked_message(untracked), UserWarning, stacklevel=3)
+        self.lora = lora
+        self.lora.check_live()  # a registry of an adapter no longer active is a named error, not a stray one
         dtype = _factor_dtype(options.get("factor_dtype", torch.float32))
         damping = float(options.get("damping", 0.0))
         if not math.isfinite(damping) or damping < 0:
