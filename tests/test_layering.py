@@ -20,8 +20,6 @@ def test_no_module_over_the_line_limit():
     assert layering.oversized_modules(REPO) == {}
 
 
-@pytest.mark.xfail(strict=False, reason="issue 15: curvature base<->dense<->io<->sum and diag<->diag_lowrank are "
-                                        "being untangled by the structure-registry work; flip once merged")
 def test_no_import_cycle_among_library_modules():
     assert layering.import_cycles(layering.import_graph(REPO)) == []
 
