@@ -36,8 +36,8 @@ from torch import Tensor, nn
 from .losses import IGNORE_INDEX, batch_to_device, forward_terms
 from .params import LoRAParams
 
-__all__ = ["penalized_loss", "PenaltyLoop", "PenaltyTrainerMixin", "PenalizedTrainer", "finetune", "FinetuneResult", "count_terms",
-           "task_loss_sum"]
+__all__ = ["penalized_loss", "PenaltyLoop", "PenaltyTrainerMixin", "PenalizedTrainer", "finetune", "FinetuneResult",
+           "count_terms", "task_loss_sum"]
 
 
 # ---------------------------------------------------------------------------------- small helpers

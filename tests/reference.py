@@ -14,7 +14,8 @@ def term_jacobians(model, params, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         labels = batch["labels"]
         positions = [(b, t) for b in range(labels.shape[0]) for t in range(labels.shape[1] - 1)
-                     if labels[b, t + 1] != -100 and batch["attention_mask"][b, t + 1] != 0]
+                     if labels[b, t + 1] != -100 and batch["attention_mask"][b, t + 1] != 0
+                     and batch["attention_mask"][b, t] != 0]  # a term needs both positions real
         rows = [(logits[b, t], int(labels[b, t + 1]), b) for b, t in positions]
     else:
         X, y = batch

@@ -109,3 +109,33 @@ def test_lora_module_called_twice_per_forward_is_summed():
         rows.append(torch.cat([gr.reshape(-1) for gr in torch.autograd.grad(loss, lora.params)]))
     R = torch.stack(rows)
     torch.testing.assert_close(curv.to_dense(), R.T @ R / 5, rtol=1e-10, atol=1e-12)
+
+
+def test_token_path_keeps_no_activation_records():
+    """Defect 9: the per-token path needs no hook records; the old code kept one gradient record
+    per term and LoRA module alive until the batch ended."""
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    backend = HooksBackend(lora, "gradients", kind="empirical", terms="token", mc_samples=1,
+                           generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    with backend:
+        stats = backend.batch(model, make_lm_batch(seed=3))
+        assert all(not rec["A"] and not rec["B"] for rec in backend._recorder.records)
+    assert stats.rows.shape == (stats.num_terms, lora.numel)
+
+
+def test_exact_ggn_backward_vectors_come_class_by_class():
+    """Defect 9: never one (classes x terms x classes) tensor; each vector is (terms, classes) and
+    together they are a square root of the softmax Hessian."""
+    from lalora_curv.losses import backward_vectors
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(7, 5, generator=g, dtype=torch.float64)
+    vectors = backward_vectors(logits, torch.zeros(7, dtype=torch.long), "ggn", dtype=torch.float64)
+    assert not isinstance(vectors, torch.Tensor)
+    rs = list(vectors)
+    assert len(rs) == 5 and all(r.shape == (7, 5) for r in rs)
+    p = torch.softmax(logits, -1)
+    H = torch.stack([torch.diag(pm) - torch.outer(pm, pm) for pm in p])
+    RRt = sum(torch.einsum("mi,mj->mij", r, r) for r in rs)
+    torch.testing.assert_close(RRt, H)

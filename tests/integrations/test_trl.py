@@ -123,7 +123,8 @@ def test_fit_curvature_callback_saves_beside_the_adapter(tmp_path, structure):
     reference = lc.fit_curvature(fresh, calibration, structure=structure, kind="empirical", progress=False)
     expected = reference.matmat(X)
     assert expected.norm() > 0
-    torch.testing.assert_close(callback.curvature.matmat(X), expected, rtol=1e-6, atol=1e-9 * float(expected.abs().max()))
+    torch.testing.assert_close(callback.curvature.matmat(X), expected, rtol=1e-6,
+                               atol=1e-9 * float(expected.abs().max()))
 
 
 def test_fit_curvature_callback_refuses_bad_arguments():

@@ -35,7 +35,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     model = make_model(0)
     lora, _, _, pen = _dense_penalty_setup(model)
     config = sft_config(out_dir, per_device_train_batch_size=1, learning_rate=LR)
-    trainer = PenalizedSFTTrainer(model=model, args=config, train_dataset=tokenized_dataset(make_examples(N_EXAMPLES, seed=3)),
+    dataset = tokenized_dataset(make_examples(N_EXAMPLES, seed=3))
+    trainer = PenalizedSFTTrainer(model=model, args=config, train_dataset=dataset,
                                   processing_class=tiny_tokenizer(), penalty=pen,
                                   optimizers=(torch.optim.SGD(lora.params, lr=LR), None))
     assert trainer.accelerator.num_processes == world and trainer.args.average_tokens_across_devices
