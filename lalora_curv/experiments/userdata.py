@@ -77,9 +77,11 @@ def read_user_data(path: str | Path) -> UserData:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as err:
-            raise UserDataError(f"{where}: not valid JSON ({err.msg}); a .jsonl file holds one object per line") from None
+            raise UserDataError(f"{where}: not valid JSON ({err.msg}); a .jsonl file holds one object per "
+                                "line") from None
         if not isinstance(record, dict):
-            raise UserDataError(f"{where}: expected a JSON object with 'text' or 'messages', got {type(record).__name__}")
+            raise UserDataError(f"{where}: expected a JSON object with 'text' or 'messages', "
+                                f"got {type(record).__name__}")
         if isinstance(record.get("text"), str):
             data.texts.append(record["text"])
         elif "messages" in record:
