@@ -25,8 +25,9 @@ the training budget. It cannot see the final displacement, so it extrapolates:
   final loss (training lowers it), which errs toward a stronger penalty.
 
 On the tiny Llama the early exponent is close to 2 while the full run's growth slows later, so the
-extrapolated ``q`` over-estimates the final one and the suggested strength comes out somewhat below
-the calibrated one (``tests/test_strength.py`` measures the ratio).
+extrapolated ``q`` over-estimates the final one and the suggested strength comes out below the
+calibrated one: 0.5-0.7x for the benchmark's 40 steps at lr 1e-3 (``tests/test_strength.py``), down
+to 0.1-0.3x for longer runs or a larger lr (docs/choosing.md), which the pilot cannot foresee.
 
 The model is left exactly as it was: the weights of every trainable parameter, their ``.grad``,
 ``requires_grad`` flags and every module's train/eval mode are restored, and the pilot's optimizer

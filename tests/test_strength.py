@@ -114,9 +114,9 @@ def _arithmetic_texts(seed: int, n: int) -> list[str]:
 PROXY_TEXTS = ["the quick brown fox jumps over the lazy dog and runs away into the forest " * 2,
                "def add(a, b):\n    return a + b\n\nclass Point:\n    x: int\n    y: int\n"] * 4
 BUDGET, PILOT, LR = 40, 4, 1e-3  # the forgetting benchmark's steps, lr and clipping; a 10 % pilot
-#: suggested / calibrated must lie within this factor. On the tiny Llama the ratios are about
-#: 0.5-0.8 (the early exponent ~1.9 over-estimates the slowing growth of q); without any
-#: extrapolation the ratio would be ~(40/4)^2 = 100, with a linear (p = 1) one ~5-10.
+#: suggested / calibrated must lie within this factor. Measured: 0.73 (seed 0) and 0.54 (seed 1), the
+#: fitted exponents 1.76 / 1.88 over-estimating the slowing growth of q. A broken extrapolation falls
+#: outside: none at all (q of the pilot taken as final) gives ~40 for both seeds, q ~ t (p = 1) ~4.
 TOLERANCE = 3.0
 
 
