@@ -152,3 +152,14 @@ def test_suggested_strength_is_near_the_calibrated_one_on_the_tiny_llama(seed):
           f"{suggestion.task_loss:.4f}) vs calibrated {calibrated:.4g} (q {q:.4g}, task {task:.4f}): "
           f"ratio {ratio:.3f}")
     assert 1 / TOLERANCE < ratio < TOLERANCE
+
+
+def test_a_delta_w_curvature_is_measured_at_the_extrapolated_point():
+    """kfac_delta_w: q is the Delta-W quadratic, measured by the penalty at start + s * movement."""
+    model, batches, _ = _tiny_setup()
+    lora = lc.LoRAParams.from_model(model)
+    start = lora.snapshot()
+    curv = lc.fit_curvature(model, batches[:1], structure="kfac_delta_w", progress=False)
+    result = lc.suggest_strength(curv, model, batches, steps=20, lr=1e-2, pilot_steps=2)
+    assert all(torch.equal(p, start[n]) for n, p in zip(lora.names, lora.params))
+    assert result.quadratic > result.pilot_quadratic[-1] > 0 and result.strength > 0
