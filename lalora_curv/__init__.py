@@ -28,11 +28,13 @@ from .penalties import L2Penalty, LaplacePenalty
 __version__ = "0.1.0"
 
 _LAZY = {"PenalizedTrainer": "training", "PenaltyLoop": "training", "finetune": "training",
-         "PenaltyTrainerMixin": "training", "FitCurvatureCallback": "integrations.callbacks"}
+         "PenaltyTrainerMixin": "training", "FitCurvatureCallback": "integrations.callbacks",
+         "suggest_strength": "strength"}
 
 
 def __getattr__(name):
-    # training.py subclasses transformers.Trainer: import it on first use, not at `import lalora_curv`
+    # training.py subclasses transformers.Trainer (strength.py uses it): import on first use, not at
+    # `import lalora_curv`
     if name in _LAZY:
         import importlib
 
@@ -44,5 +46,6 @@ __all__ = [
     "CurvatureOperator",
     "LaplacePenalty", "L2Penalty", "STRUCTURES", "KINDS", "BACKENDS", "CurvatureFileError",
     "CurvatureMismatchError", "DenseTooLargeError", "NonFiniteCurvatureError", "TaskSequence", "finetune",
-    "PenalizedTrainer", "PenaltyLoop", "PenaltyTrainerMixin", "FitCurvatureCallback", "__version__",
+    "PenalizedTrainer", "PenaltyLoop", "PenaltyTrainerMixin", "FitCurvatureCallback", "suggest_strength",
+    "__version__",
 ]

@@ -87,22 +87,42 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("fit", help="fit a curvature on proxy source data and save it (safetensors)",
-                       description="Fit the curvature of the source loss w.r.t. fresh LoRA parameters on proxy "
-                                   "source text and save it.")
+    p = sub.add_parser("fit", help="fit a curvature on proxy source data or your own data and save it (safetensors)",
+                       description="Fit the curvature of the source loss w.r.t. LoRA parameters and save it. "
+                                   "LoRA: fresh (--r/--alpha/--targets) or an existing adapter folder (--adapter, "
+                                   "the curvature is then written beside it). Data: proxy source text, or your own "
+                                   "file (--data).")
     _common(p)
     _lora_args(p)
+    p.add_argument("--adapter", type=Path, default=None, metavar="DIR",
+                   help="existing peft adapter folder (with adapter_config.json) for --model's base; the curvature "
+                        "is written beside it as lalora_curvature.safetensors unless --output is given; "
+                        "--r/--alpha/--targets are then ignored")
+    p.add_argument("--data", type=Path, default=None, metavar="FILE",
+                   help="your data instead of proxy text: .jsonl/.ndjson/.json with one object per line holding "
+                        "'text' (all tokens are targets) or chat 'messages' [{role, content}, ...] rendered with the "
+                        "tokenizer's chat template (see --chat-labels); any other suffix is plain text, one "
+                        "document per blank-line-separated paragraph (all tokens are targets)")
+    p.add_argument("--chat-labels", default="assistant", choices=("assistant", "all"),
+                   help="for chat 'messages': assistant = the loss is on the last assistant message of each "
+                        "conversation (earlier turns are context; the default), all = on every token")
+    p.add_argument("--max-batches", type=int, default=None,
+                   help="with --data: use at most this many batches (default: the whole file)")
     p.add_argument("--structure", default="kfac", choices=STRUCTURE_CHOICES)
     p.add_argument("--kind", default="empirical", choices=("ggn", "mc", "empirical"))
-    p.add_argument("--terms", default="sequence", choices=("sequence", "token"))
-    p.add_argument("--rank", type=int, default=16, help="rank for lowrank / diag_lowrank")
-    p.add_argument("--mc-samples", type=int, default=1)
+    # structure options default to None = not passed: fit_curvature refuses an option its structure or
+    # kind does not use (e.g. --rank for kfac), so only what the user asked for goes through
+    p.add_argument("--terms", default=None, choices=("sequence", "token"),
+                   help="dense/diag/lowrank/diag_lowrank: curvature terms (library default: sequence)")
+    p.add_argument("--rank", type=int, default=None, help="lowrank / diag_lowrank: rank (library default 16)")
+    p.add_argument("--mc-samples", type=int, default=None, help="--kind mc: samples per term (library default 1)")
     p.add_argument("--proxy-source", default="mix", choices=("wordnet", "pydoc", "mix"))
     p.add_argument("--proxy-batches", type=int, default=2, help="number of proxy batches (the paper: 1-2 suffice)")
-    p.add_argument("--proxy-batch-size", type=int, default=8)
-    p.add_argument("--proxy-seq-len", type=int, default=128)
+    p.add_argument("--proxy-batch-size", type=int, default=8, help="sequences per batch (proxy text or --data)")
+    p.add_argument("--proxy-seq-len", type=int, default=128,
+                   help="tokens per sequence, longer ones are cut (proxy text or --data)")
     p.add_argument("--output", type=Path, default=None,
-                   help="curvature file (default: OUTPUT_DIR/curvature.safetensors)")
+                   help="curvature file (default: beside --adapter, else OUTPUT_DIR/curvature.safetensors)")
 
     p = sub.add_parser("finetune", help="LoRA fine-tuning on gsm_symbolic with a penalty; saves the adapter",
                        description="Fine-tune LoRA on gsm_symbolic with --penalty none|l2|lalora.")
@@ -161,6 +181,10 @@ def usage_problem(args: argparse.Namespace) -> str | None:
     """Options that parse but contradict each other: a usage error (exit 2), found before any work."""
     if args.command == "finetune" and args.penalty == "lalora" and args.curvature is None:
         return "--penalty lalora needs --curvature FILE (create one with `lalora-curv fit`)"
+    if args.command == "fit" and args.max_batches is not None and args.max_batches < 1:
+        return f"--max-batches must be at least 1, got {args.max_batches}"
+    if args.command == "fit" and args.max_batches is not None and args.data is None:
+        return "--max-batches applies to --data (proxy text has --proxy-batches)"
     if args.command == "demo" and args.lam is not None and args.lam_relative is not None:
         return "give --lam or --lam-relative, not both"
     return None
@@ -210,28 +234,60 @@ def _print_table(rows: dict[str, dict[str, float]]) -> str:
 
 
 # ----------------------------------------------------------------------------------------- commands
+def _adapter_dir(path: Path) -> Path:
+    """An existing peft adapter folder, or a one-line error naming what is missing."""
+    if not path.is_dir():
+        raise CLIError(f"adapter folder not found: {path}")
+    if not (path / "adapter_config.json").is_file():
+        raise CLIError(f"not a peft adapter folder (no adapter_config.json): {path}")
+    return path
+
+
+def _fit_batches(args, tokenizer, cfg: RunConfig) -> list:
+    """The batches of ``fit``: the user's ``--data`` file, else the proxy source text."""
+    from .experiments.pipeline import proxy_batches
+    from .experiments.userdata import UserDataError, read_user_data, user_data_batches
+
+    if args.data is None:
+        return proxy_batches(tokenizer, cfg)
+    try:
+        data = read_user_data(args.data)
+        batches = user_data_batches(data, tokenizer, batch_size=args.proxy_batch_size, seq_len=args.proxy_seq_len,
+                                    chat_labels=args.chat_labels)
+    except UserDataError as err:
+        raise CLIError(str(err)) from None
+    return batches[:args.max_batches] if args.max_batches else batches
+
+
 def cmd_fit(args) -> int:
     import lalora_curv as lc
 
-    from .experiments.pipeline import Stopwatch, attach_lora, load_base_model, proxy_batches
+    from .experiments.pipeline import Stopwatch, attach_lora, load_adapter, load_base_model
 
     cfg = _config(args)
+    adapter = _adapter_dir(args.adapter) if args.adapter is not None else None
     model, tok = load_base_model(cfg)
-    model = attach_lora(model, cfg)
-    batches = proxy_batches(tok, cfg)
+    batches = _fit_batches(args, tok, cfg)  # before the adapter: a bad data file fails fast
+    model = load_adapter(model, adapter) if adapter is not None else attach_lora(model, cfg)
     clock = Stopwatch()
-    curv = lc.fit_curvature(model, batches, structure=args.structure, kind=args.kind, terms=args.terms,
-                            rank=args.rank, mc_samples=args.mc_samples, seed=args.seed,
-                            progress=not args.no_progress)
+    options = {name: value for name, value in (("terms", args.terms), ("rank", args.rank),
+                                                ("mc_samples", args.mc_samples)) if value is not None}
+    curv = lc.fit_curvature(model, batches, structure=args.structure, kind=args.kind, seed=args.seed,
+                            progress=not args.no_progress, **options)
     seconds = clock()
-    out = args.output or args.output_dir / "curvature.safetensors"
-    curv.save(out)
-    lora_cfg = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.targets)}
-    _write_json(Path(str(out) + ".json"), {"structure": curv.structure, "kind": curv.kind,
-                                           "num_params": curv.num_params,
-                                           "nbytes": curv.nbytes, "seconds": seconds, "lora": lora_cfg,
-                                           "config": cfg.to_json(), "info": curv.info})
-    print(f"saved {curv.structure}/{curv.kind} curvature over {curv.num_params} parameters "
+    source = f"{len(batches)} batches of {args.data}" if args.data is not None else f"{args.proxy_source} proxy text"
+    if adapter is not None and args.output is None:
+        out = curv.save_pretrained(adapter)  # metadata in the safetensors header, no sidecar
+    else:
+        out = args.output or args.output_dir / "curvature.safetensors"
+        curv.save(out)
+        lora_cfg = ({"adapter": str(adapter)} if adapter is not None
+                    else {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "targets": list(cfg.targets)})
+        _write_json(Path(str(out) + ".json"), {"structure": curv.structure, "kind": curv.kind,
+                                               "num_params": curv.num_params, "data": source,
+                                               "nbytes": curv.nbytes, "seconds": seconds, "lora": lora_cfg,
+                                               "config": cfg.to_json(), "info": curv.info})
+    print(f"saved {curv.structure}/{curv.kind} curvature over {curv.num_params} parameters from {source} "
           f"({curv.nbytes / 1e6:.1f} MB, {seconds:.1f} s) to {out}")
     return 0
 

@@ -184,3 +184,155 @@ def test_unknown_structure_and_help_via_console_script():
     for sub in ("fit", "finetune", "eval", "bench", "demo"):
         run = run_cli(sub, "--help", via="console_script")
         assert run.returncode == 0 and "--" in run.stdout
+
+
+# ------------------------------------------------------------------ fit on an adapter folder and user data
+CHAT_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<assistant>{% endif %}")
+FIT_SMALL = ["--structure", "diag", "--proxy-batch-size", "2", "--proxy-seq-len", "64", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """The tiny Llama with a tokenizer that has a (minimal) chat template."""
+    from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny-chat-model")
+    tiny_llama(max_position_embeddings=1024).save_pretrained(path)
+    tokenizer = tiny_tokenizer()
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture
+def adapter_dir(chat_model_dir, tmp_path):
+    """A trained-looking adapter (random B, so the curvature's A-blocks are not all zero) saved by peft."""
+    import torch
+
+    from lalora_curv.experiments.models import add_lora, load_model
+
+    model, _ = load_model(chat_model_dir)
+    model = add_lora(model, r=2, alpha=4, target_modules=["q_proj", "v_proj"], seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    path = tmp_path / "adapter"
+    model.save_pretrained(path)
+    return path
+
+
+def expected_curvature(model_dir, adapter, batches):
+    """What `fit --adapter --structure diag` must produce on ``batches``, fitted through the API."""
+    from peft import PeftModel
+
+    import lalora_curv as lc
+    from lalora_curv.experiments.models import load_model
+
+    base, _ = load_model(model_dir)
+    model = PeftModel.from_pretrained(base, str(adapter), is_trainable=True)
+    curv = lc.fit_curvature(model, batches, structure="diag", kind="empirical", progress=False)
+    return curv, lc.LoRAParams.from_model(model)
+
+
+def test_fit_on_an_adapter_folder_with_jsonl_text_writes_the_curvature_beside_it(chat_model_dir, adapter_dir,
+                                                                                  tmp_path, capsys):
+    import torch
+
+    import lalora_curv as lc
+    from lalora_curv.experiments.batching import lm_batches
+    from lalora_curv.experiments.models import tiny_tokenizer
+
+    texts = ["the first document of the user", "a second one, a little longer than the first", "third"]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    assert main(["fit", "--model", str(chat_model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+                 *FIT_SMALL]) == 0
+    assert (adapter_dir / "lalora_curvature.safetensors").is_file() and "2 batches of" in capsys.readouterr().out
+    want, lora = expected_curvature(chat_model_dir, adapter_dir, lm_batches(texts, tiny_tokenizer(), 2, 64))
+    got = lc.load_curvature(adapter_dir, lora=lora)
+    assert got.structure == "diag" and torch.allclose(got.diagonal(), want.diagonal(), rtol=1e-5, atol=1e-10)
+    assert want.diagonal().abs().sum() > 0
+
+
+def test_fit_on_chat_messages_trains_on_the_assistant_reply(chat_model_dir, adapter_dir, tmp_path):
+    import torch
+
+    import lalora_curv as lc
+    from lalora_curv.experiments.batching import sft_batches
+    from lalora_curv.experiments.models import load_model
+
+    chat = [{"role": "user", "content": "what is 2+3?"}, {"role": "assistant", "content": "2+3 is 5"}]
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": chat}) + "\n")
+    out = tmp_path / "chat.safetensors"
+    assert main(["fit", "--model", str(chat_model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+                 "--output", str(out), *FIT_SMALL]) == 0
+    _, tokenizer = load_model(chat_model_dir)
+    prompt = "<user>what is 2+3?\n<assistant>"
+    want, lora = expected_curvature(chat_model_dir, adapter_dir,
+                                    sft_batches([prompt], ["2+3 is 5\n"], tokenizer, 2, 64, add_eos=False))
+    got = lc.load_curvature(out, lora=lora)
+    assert torch.allclose(got.diagonal(), want.diagonal(), rtol=1e-5, atol=1e-10)
+    assert not (adapter_dir / "lalora_curvature.safetensors").exists()  # --output wins over the adapter folder
+    every_token = tmp_path / "all.safetensors"
+    assert main(["fit", "--model", str(chat_model_dir), "--adapter", str(adapter_dir), "--data", str(data),
+                 "--chat-labels", "all", "--output", str(every_token), *FIT_SMALL]) == 0
+    assert not torch.allclose(lc.load_curvature(every_token, lora=lora).diagonal(), want.diagonal())
+
+
+def test_fit_on_plain_text_paragraphs_with_fresh_lora(chat_model_dir, tmp_path):
+    import torch
+
+    import lalora_curv as lc
+    from lalora_curv.experiments.batching import lm_batches
+    from lalora_curv.experiments.models import add_lora, load_model
+
+    data = tmp_path / "notes.txt"
+    data.write_text("one paragraph\nover two lines\n\nanother paragraph\n\n\nand a last one\n")
+    out = tmp_path / "c.safetensors"
+    assert main(["fit", "--model", str(chat_model_dir), "--data", str(data), "--r", "2", "--max-batches", "1",
+                 "--output", str(out), *FIT_SMALL]) == 0
+    model, tokenizer = load_model(chat_model_dir)
+    model = add_lora(model, r=2, alpha=16, seed=0)
+    batches = lm_batches(["one paragraph\nover two lines", "another paragraph"], tokenizer, 2, 64)
+    want = lc.fit_curvature(model, batches, structure="diag", kind="empirical", progress=False)
+    got = lc.load_curvature(out, lora=lc.LoRAParams.from_model(model))
+    assert torch.allclose(got.diagonal(), want.diagonal(), rtol=1e-5, atol=1e-10)
+    assert json.loads(Path(str(out) + ".json").read_text())["data"] == f"1 batches of {data}"
+
+
+@pytest.mark.parametrize("case, message", [
+    ("missing", "data file not found: {tmp}/missing.jsonl"),
+    ("empty", "data file is empty: {tmp}/empty.jsonl"),
+    ("no_text", "{tmp}/no_text.jsonl:2: the object has neither a 'text' string nor 'messages' (keys: prompt)"),
+    ("no_adapter_config", "not a peft adapter folder (no adapter_config.json): {tmp}/not_an_adapter"),
+    ("no_adapter_folder", "adapter folder not found: {tmp}/nowhere"),
+])
+def test_fit_data_and_adapter_errors_are_one_line_exit_1(case, message, chat_model_dir, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n")
+    (tmp_path / "no_text.jsonl").write_text('{"text": "fine"}\n{"prompt": "no text here"}\n')
+    (tmp_path / "good.jsonl").write_text('{"text": "fine text"}\n')
+    (tmp_path / "not_an_adapter").mkdir()
+    data = {"missing": "missing.jsonl", "empty": "empty.jsonl", "no_text": "no_text.jsonl"}.get(case, "good.jsonl")
+    argv = ["fit", "--model", str(chat_model_dir), "--data", str(tmp_path / data), *FIT_SMALL]
+    if case.startswith("no_adapter"):
+        argv += ["--adapter", str(tmp_path / ("nowhere" if case == "no_adapter_folder" else "not_an_adapter"))]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"lalora-curv: error: {message.format(tmp=tmp_path)}"]
+
+
+def test_max_batches_without_data_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--max-batches", "2", "--no-progress"])
+    assert exit_info.value.code == 2 and "--max-batches applies to --data" in capsys.readouterr().err
+
+
+def test_a_structure_option_the_structure_does_not_use_is_one_line(tiny_dir, capsys):
+    """Options left at their default are not passed (kfac fits without --rank); one given for a
+    structure that does not use it is fit_curvature's named error, on one line."""
+    assert main(["fit", "--model", str(tiny_dir), "--structure", "kfac", "--rank", "4", *SMALL]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "does not take ['rank']" in err[0]
