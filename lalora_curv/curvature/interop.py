@@ -13,6 +13,7 @@ float64 tensor on the operator's device.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def check_prior_precision(prior_precision: Any) -> float:
             raise ValueError(f"prior_precision must be a scalar, got a tensor of shape "
                              f"{tuple(prior_precision.shape)}")
         prior_precision = prior_precision.item()
-    if isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float)):
+    if isinstance(prior_precision, bool) or not isinstance(prior_precision, numbers.Real):
         raise TypeError(f"prior_precision must be a number, got {type(prior_precision).__name__}")
     value = float(prior_precision)
     if not math.isfinite(value) or value <= 0:

@@ -205,6 +205,8 @@ def test_logdet_rejects_non_numbers(operators):
     with pytest.raises(ValueError, match="scalar"):
         operators[0]["diag"].logdet(torch.ones(2))
     assert torch.isclose(operators[0]["diag"].logdet(torch.tensor(0.5)), operators[0]["diag"].logdet(0.5))
+    # any real number type: numpy scalars included
+    assert torch.isclose(operators[0]["diag"].logdet(np.float32(0.5)), operators[0]["diag"].logdet(0.5))
 
 
 def test_logdet_without_closed_form_refuses_above_the_size_limit(operators):
