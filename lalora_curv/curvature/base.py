@@ -219,9 +219,6 @@ class CurvatureOperator:
             total += t.numel() * t.element_size()
         return total
 
-    def trace(self) -> Tensor:
-        return self.diagonal().sum()
-
     # ------------------------------------------------------------------ algebra
     def _check_compatible(self, other: CurvatureOperator) -> None:
         if not isinstance(other, CurvatureOperator):
@@ -320,6 +317,53 @@ class CurvatureOperator:
             f"{type(self).__name__}(structure={self.structure!r}, kind={self.kind!r}, "
             f"num_params={self.num_params}, nbytes={self.nbytes})"
         )
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # helpers in curvature/interop.py (imported here, function-locally: scipy and curvlinops are
+    # optional and loaded only when called; interop.py does not import this module)
+
+    def to_scipy(self, dtype=None):
+        """``P`` as a ``scipy.sparse.linalg.LinearOperator`` of shape ``(num_params, num_params)``
+        (symmetric; ``matvec``/``matmat`` run this operator in torch on its device and dtype).
+        ``dtype``: numpy dtype of the scipy side, default ``float64``. Needs scipy."""
+        from .interop import scipy_operator
+
+        return scipy_operator(self, dtype)
+
+    def to_curvlinops(self):
+        """``P`` as a curvlinops ``PyTorchLinearOperator`` (self-adjoint) on tensor lists shaped
+        like the LoRA parameters in flat order (``signature["shapes"]``), or, in the Delta-W space,
+        like each adapted layer's ``(d_out, d_in)``. Needs curvlinops-for-pytorch."""
+        from .interop import curvlinops_operator
+
+        return curvlinops_operator(self)
+
+    def trace(self) -> Tensor:
+        """``tr(P)`` exactly (0-dim tensor in the operator's dtype); structures override it where a
+        closed form is cheaper than the diagonal."""
+        return self.diagonal().sum()
+
+    def logdet(self, prior_precision: float, *, max_dense: int = DEFAULT_MAX_DENSE) -> Tensor:
+        """``log det(P + prior_precision * I)`` exactly, in float64 (0-dim float64 tensor on the
+        operator's device). ``prior_precision > 0`` is required (``P`` is often singular).
+        Structures with a closed form use it; the others (sums, kfac_tridiag) build dense blocks
+        of at most ``max_dense`` coordinates and raise :class:`DenseTooLargeError` above it."""
+        from .interop import check_prior_precision
+
+        if self.space not in ("theta", "delta_w"):
+            raise ValueError(f"logdet: unknown space {self.space!r} of this {self.structure} operator")
+        return self._logdet(check_prior_precision(prior_precision), max_dense)
+
+    def _logdet(self, prior_precision: float, max_dense: int) -> Tensor:
+        # no closed form: eigenvalues of the dense matrix, built in float64, under the size limit
+        from .interop import logdet_psd_dense
+
+        if self.num_params > max_dense:
+            raise DenseTooLargeError(
+                f"logdet of this {self.structure} curvature has no closed form and needs its dense "
+                f"{self.num_params} x {self.num_params} matrix, above max_dense={max_dense}; pass max_dense= "
+                "to allow it")
+        return logdet_psd_dense(self.to(dtype=torch.float64).to_dense(max_dense), prior_precision)
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     # Identity dynamics with diagonal process noise ``Q = diag(q)`` (``q: Tensor[num_params]``,
@@ -518,6 +562,12 @@ class SumCurvature(CurvatureOperator):
     def _add_same(self, other):
         # another exact term; structures that add in closed form were handled by their own _add_same
         return SumCurvature(self.terms + [other])
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # the sum of the terms' exact traces; logdet has no closed form for a sum (the base class's
+    # dense fallback, under the size limit)
+
+    def trace(self) -> Tensor:
+        return sum(t.trace().to(self.dtype) for t in self.terms)
 
 
 class _Proxy:

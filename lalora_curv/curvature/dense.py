@@ -6,6 +6,7 @@ import torch
 from torch import Tensor
 
 from .base import DEFAULT_MAX_DENSE, CurvatureOperator, DenseTooLargeError, merged_common
+from .interop import logdet_psd_dense
 from .statistics import GradientSums
 
 __all__ = ["DenseCurvature", "DenseAccumulator"]
@@ -69,6 +70,10 @@ class DenseCurvature(CurvatureOperator):
         if isinstance(other, DenseCurvature):
             return DenseCurvature(self.matrix + other.matrix, **merged_common(self, other))
         return None
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    def _logdet(self, prior_precision, max_dense):
+        return logdet_psd_dense(self.matrix, prior_precision)
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     filtering_closed = True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from .base import CurvatureOperator, merged_common
@@ -65,6 +66,13 @@ class DiagCurvature(CurvatureOperator):
 
     def _add_same_reflected(self, other):
         return self._add_same(other)
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    def trace(self) -> Tensor:
+        return self.diag.sum()
+
+    def _logdet(self, prior_precision, max_dense):
+        return torch.log(self.diag.to(torch.float64).clamp_min(0) + prior_precision).sum()
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     # all elementwise: a diagonal precision stays diagonal under identity dynamics with diagonal noise

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from .base import CurvatureOperator, merged_common
 from .diag import DiagCurvature
+from .interop import diag_lowrank_logdet
 from .lowrank import LowRankAccumulator, LowRankCurvature, _check_rank
 
 __all__ = ["DiagLowRankCurvature", "DiagLowRankAccumulator"]
@@ -101,6 +102,15 @@ class DiagLowRankCurvature(CurvatureOperator):
         kept = low.truncated(rank)
         dropped_diag = low.diagonal() - kept.diagonal()
         return DiagLowRankCurvature(self.D + dropped_diag.clamp_min(0), kept.U, kept.C, **self._common())
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # trace: sum(D) + tr(C U^T U); logdet: matrix determinant lemma (interop.diag_lowrank_logdet)
+
+    def trace(self) -> Tensor:
+        return self.D.sum() + (self.C * (self.U.T @ self.U)).sum()
+
+    def _logdet(self, prior_precision, max_dense):
+        return diag_lowrank_logdet(self.D, self.U, self.C, prior_precision)
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     # predict exact with the rank unchanged: with e = 1 + q d, (P^{-1} + Q)^{-1} = diag(d/e) + V C' V^T,

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from .base import CurvatureOperator, merged_common
+from .interop import logdet_eigenvalues
 from .kronecker import batch_to_rows, rows_to_batch, sym_eigh
 
 __all__ = ["EigenKFACCurvature", "KFAC_NOISE"]
@@ -150,6 +151,15 @@ class EigenKFACCurvature(CurvatureOperator):
                                       [a + b for a, b in zip(self.evals, other.evals)], self.blocks,
                                       **merged_common(self, other))
         return None
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # the eigenvalues are stored: trace = their sum, log det(P + p I) = sum log(lam + p)
+
+    def trace(self) -> Tensor:
+        return sum(lam.sum() for lam in self.evals)
+
+    def _logdet(self, prior_precision, max_dense):
+        return sum(logdet_eigenvalues(lam, prior_precision) for lam in self.evals)
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     predict_options = ("kfac_noise",)

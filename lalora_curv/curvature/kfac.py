@@ -20,12 +20,14 @@ factors at all (``grad = inp = -1`` in their description): the ``d_in x d_in`` i
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from .base import CurvatureOperator
+from .interop import logdet_eigenvalues
 from .kronecker import kron_diag, kron_matmat, kron_solve, sym_eigh
 from .statistics import KroneckerSums
 
@@ -183,6 +185,29 @@ class KFACCurvature(CurvatureOperator):
         return type(self)([alpha * G for G in self.grad_factors], self.input_factors, self.blocks,
                           **self._common())
 
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # tr(G (x) A) = tr(G) tr(A); the eigenvalues of G (x) A are the products l_G * l_A, so
+    # log det(P + p I) = sum_blocks sum_ij log(l_G,i l_A,j + p), a zero block n log p (float64)
+
+    def trace(self) -> Tensor:
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for b in self.blocks:
+            if b["grad"] >= 0:
+                total = total + self.grad_factors[b["grad"]].trace() * self.input_factors[b["inp"]].trace()
+        return total
+
+    def _logdet(self, prior_precision, max_dense):
+        grad_evals = [torch.linalg.eigvalsh(_sym64(G)) for G in self.grad_factors]
+        input_evals = [torch.linalg.eigvalsh(_sym64(A)) for A in self.input_factors]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        for b in self.blocks:
+            if b["grad"] < 0:
+                total = total + b["d_out"] * b["d_in"] * math.log(prior_precision)
+            else:
+                total = total + logdet_eigenvalues(torch.outer(grad_evals[b["grad"]].clamp_min(0),
+                                                               input_evals[b["inp"]].clamp_min(0)), prior_precision)
+        return total
+
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     # exact in the Kronecker eigenbasis: every operation goes through EigenKFACCurvature (a sum of
     # Kronecker products has no common eigenbasis, so filtering with noise is not closed here).
@@ -204,6 +229,12 @@ class KFACCurvature(CurvatureOperator):
 
     def _smoothing_gain(self, q):
         return self._eigenbasis()._smoothing_gain(q)
+
+
+def _sym64(M: Tensor) -> Tensor:
+    """The symmetric part of a factor in float64 (for exact spectra)."""
+    M = M.to(torch.float64)
+    return 0.5 * (M + M.T)
 
 
 class KFACAccumulator(KroneckerSums):

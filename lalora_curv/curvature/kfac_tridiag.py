@@ -19,7 +19,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from .base import CurvatureOperator
+from .base import CurvatureOperator, DenseTooLargeError
+from .interop import logdet_psd_dense
 from .kronecker import batch_to_rows, kron_diag, rows_to_batch
 from .statistics import KroneckerSums
 
@@ -98,6 +99,40 @@ class KFACTridiagCurvature(CurvatureOperator):
     def _scaled(self, alpha):
         return KFACTridiagCurvature([alpha * U for U in self.U], self.V, self.shapes, **self._common())
 
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # trace: the diagonal blocks are U_AA (x) V_AA and U_BB (x) V_BB. logdet: a layer block is a
+    # principal submatrix of U (x) V, with no closed-form spectrum: it is built dense per layer
+    # (float64) if it has at most max_dense coordinates, else a named error.
+
+    def trace(self) -> Tensor:
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for r, d_in, _d_out, U, V, *_ in self._iter_layers():
+            total = total + U[:r, :r].trace() * V[:d_in, :d_in].trace() + U[r:, r:].trace() * V[d_in:, d_in:].trace()
+        return total
+
+    def layer_block(self, index: int) -> Tensor:
+        """The dense block of layer ``index`` (``Tensor[r*d_in + d_out*r]^2``, rows ``vec_r(A)``
+        then ``vec_r(B)``), in float64."""
+        r, d_in, d_out = self.shapes[index]
+        U, V = self.U[index].to(torch.float64), self.V[index].to(torch.float64)
+        # torch.kron(X, Y) vec_r(Z) = vec_r(X Z Y^T): the row-major Kronecker order of this module
+        top = torch.cat([torch.kron(U[:r, :r], V[:d_in, :d_in]), torch.kron(U[:r, r:], V[:d_in, d_in:])], 1)
+        bottom = torch.cat([torch.kron(U[r:, :r], V[d_in:, :d_in]), torch.kron(U[r:, r:], V[d_in:, d_in:])], 1)
+        return torch.cat([top, bottom], 0)
+
+    def _logdet(self, prior_precision, max_dense):
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        names = self.signature.get("layers") or []
+        for i, (r, d_in, d_out) in enumerate(self.shapes):
+            size = r * d_in + d_out * r
+            if size > max_dense:
+                name = names[i] if i < len(names) else f"#{i}"
+                raise DenseTooLargeError(
+                    f"kfac_tridiag logdet: layer {name} has a {size} x {size} block (r={r}, d_in={d_in}, "
+                    f"d_out={d_out}) with no closed-form spectrum, above max_dense={max_dense}; pass max_dense= "
+                    "to build it")
+            total = total + logdet_psd_dense(self.layer_block(i), prior_precision)
+        return total
 
 class KFACTridiagAccumulator(KroneckerSums):
     """The stacked factors themselves, cross blocks included (one weighting for all blocks, §3)."""

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from .base import CurvatureOperator, merged_common
+from .interop import lowrank_logdet
 from .statistics import GradientSums
 
 __all__ = ["LowRankCurvature", "LowRankAccumulator", "top_eigenpairs", "kept_rank_info"]
@@ -103,6 +104,16 @@ class LowRankCurvature(CurvatureOperator):
             return LowRankCurvature(torch.cat([self.U, other.U], 1), torch.block_diag(self.C, other.C),
                                     **merged_common(self, other))
         return None
+
+    # -- interop: scipy, curvlinops, trace, logdet --
+    # tr(U C U^T) = sum(C * U^T U) holds for any U (orthonormal or not, e.g. a sum's stacked U);
+    # logdet from a QR of U (interop.lowrank_logdet)
+
+    def trace(self) -> Tensor:
+        return (self.C * (self.U.T @ self.U)).sum()
+
+    def _logdet(self, prior_precision, max_dense):
+        return lowrank_logdet(self.U, self.C, prior_precision)
 
     # -- continual: filtering and smoothing (lalora_curv.continual) --
     # ``P = U C U^T`` with noise ``diag(q)``: Woodbury, never ``C^{-1}``, rank unchanged.
