@@ -18,13 +18,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import __version__
+from .curvature.registry import STRUCTURES
 
 if TYPE_CHECKING:
     from .experiments.pipeline import RunConfig
 
 __all__ = ["main", "build_parser"]
 
-STRUCTURE_CHOICES = ("dense", "diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank", "kfac_delta_w")
+STRUCTURE_CHOICES = STRUCTURES  # the one list, curvature/registry.py
 
 
 class CLIError(Exception):
