@@ -23,6 +23,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert (tmp_path / "tiny_summary.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "tiny.json").read_text())
     assert data["complete"] is True
+    (prov,) = data["provenance"]  # one part: its commit, clean/dirty tree, versions, command, start/end
+    assert prov["preset"] == "tiny" and prov["device"] == "cpu" and prov["started_utc"] <= prov["finished_utc"]
     for key in ("config", "machine", "tasks", "data", "methods", "calibration", "base", "matrices", "summary", "runs",
                 "timing", "notes", "figures"):
         assert key in data, key
@@ -88,3 +90,13 @@ def test_method_order_and_metrics():
     assert s["plasticity_nll_drop"] == pytest.approx(1.0) and s["fwt_em"] == pytest.approx(0.1)
     assert s["task_aware_em"] == pytest.approx(0.55) and s["src_text_nll_delta"] == pytest.approx(0.3)
     assert s["mcq_acc_delta"] == pytest.approx(-0.1)
+
+
+def test_cli_flags(capsys):
+    from benchmarks.continual.__main__ import main
+
+    assert main(["--list-presets"]) == 0
+    assert {"small", "full", "tiny"} <= set(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:  # a mistyped setting is a usage error before anything runs
+        main(["--preset", "tiny", "--set", "stepz=3"])
+    assert exc.value.code == 2 and "stepz" in capsys.readouterr().err
