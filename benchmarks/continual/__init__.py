@@ -45,16 +45,18 @@ or ``--preset full`` (GPU recommended). Outputs: ``benchmarks/results/continual/
 
 Package layout: :mod:`.config` (methods, :class:`Config`, presets), :mod:`.tasks` (the task items),
 :mod:`.run` (data, evaluation, the sequence of every method), :mod:`.metrics` (BWT, plasticity, ...),
-:mod:`.report` (tables and plots from the JSON), ``__main__`` (the command line).
+:mod:`.report` (tables and plots from the JSON), :mod:`.assemble` and :mod:`.merge`
+(the payload from runs; parts split by method joined into one), ``__main__`` (the command line).
 """
 
 from benchmarks.continual.config import METHOD_SPECS, PRESET_NAMES, PRESETS, Config, make_config, trained_methods
+from benchmarks.continual.merge import merge_results
 from benchmarks.continual.metrics import summary_metrics
 from benchmarks.continual.run import Benchmark, run_benchmark
 from benchmarks.continual.report import rerender, write_outputs
 
 __all__ = ["METHOD_SPECS", "PRESET_NAMES", "PRESETS", "Config", "make_config", "trained_methods", "summary_metrics",
-           "Benchmark", "run_benchmark", "rerender", "write_outputs", "main"]
+           "Benchmark", "run_benchmark", "rerender", "write_outputs", "merge_results", "main"]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""``python -m benchmarks.continual``: run a preset, or re-render a finished result."""
+"""``python -m benchmarks.continual``: run a preset, re-render a finished result, or merge parts."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import sys
 import torch
 
 from benchmarks.continual.config import PRESETS, RESULTS_DIR, make_config
-from benchmarks.continual.report import rerender
+from benchmarks.continual.merge import merge_results
+from benchmarks.continual.report import rerender, write_outputs
 from benchmarks.continual.run import run_benchmark
 from benchmarks.harness import benchmark_parser, parse_overrides, print_presets, resolve_device
 
@@ -15,8 +16,7 @@ from benchmarks.harness import benchmark_parser, parse_overrides, print_presets,
 def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("python -m benchmarks.continual",
                               "Continual learning: LoRA on a sequence of reasoning-gym tasks, with Laplace filtering "
-                              "and smoothing.", PRESETS, output_help="default: benchmarks/results/continual",
-                              merge=False)
+                              "and smoothing.", PRESETS, output_help="default: benchmarks/results/continual")
     parser.add_argument("--seeds", type=int, default=None, help="number of run seeds (default: the preset's)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default on CPU: 1; on a loaded 2-core machine 2 threads were "
@@ -27,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list_presets:
         print_presets(PRESETS)
+        return 0
+    if args.merge:  # parts split by method (--set methods=[...]), each with <preset>.json
+        if not args.output_dir:
+            parser.error("--merge needs --output-dir")
+        write_outputs(merge_results(args.merge, name=f"{args.preset}.json"), args.output_dir)
         return 0
     if args.render_only:
         rerender(args.output_dir or RESULTS_DIR, args.preset)

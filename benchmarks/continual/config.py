@@ -112,12 +112,17 @@ PRESET_NAMES = tuple(PRESETS)
 _TUPLE_KEYS = ("seeds", "methods", "target_modules", "source_pos")
 
 
-def make_config(preset: str, seeds: int | None = None, overrides: dict | None = None) -> Config:
-    """A preset's :class:`Config` with ``seeds`` (number of run seeds) and ``key=value`` overrides."""
-    settings = PRESETS.resolve(preset, overrides)
+def config_from_settings(settings: dict) -> Config:
+    """A :class:`Config` from a settings dict (a preset's, or a result file's ``config``)."""
+    settings = dict(settings)
     for key in _TUPLE_KEYS:
         settings[key] = tuple(settings[key])
-    cfg = Config(**settings)
+    return Config(**settings)
+
+
+def make_config(preset: str, seeds: int | None = None, overrides: dict | None = None) -> Config:
+    """A preset's :class:`Config` with ``seeds`` (number of run seeds) and ``key=value`` overrides."""
+    cfg = config_from_settings(PRESETS.resolve(preset, overrides))
     if seeds is not None:
         cfg.seeds = tuple(range(seeds))
     unknown = [m for m in cfg.methods if m not in METHOD_SPECS]

@@ -13,10 +13,10 @@ from typing import Any, Callable
 import torch
 
 from benchmarks.continual.config import METHOD_SPECS, NOTES, RESULTS_DIR, Config, trained_methods
-from benchmarks.continual.metrics import aggregate, mean_matrices, run_matrices, summary_metrics
+from benchmarks.continual.assemble import assemble_payload
 from benchmarks.continual.report import write_outputs
 from benchmarks.continual.tasks import SEED_STRIDE, task_items
-from benchmarks.harness import Provenance, load_base_model, machine_info, model_label, resolve_device
+from benchmarks.harness import Provenance, load_base_model, machine_info, resolve_device
 
 
 # ============================================================================================
@@ -362,44 +362,12 @@ class Benchmark:
 
     # ------------------------------------------------------------------ outputs
     def assemble(self, runs: list[dict]) -> dict:
-        cfg = self.cfg
-        names = [t["name"] for t in self.data.tasks]
         for r in runs:
             r.pop("_seq", None)
-        methods = [m for m in dict.fromkeys(["seq_lora", *cfg.methods]) if any(r["method"] == m for r in runs)]
-        matrices, summary = {}, {}
-        for m in methods:
-            mr = [r for r in runs if r["method"] == m]
-            per_seed = [run_matrices(r, names) for r in mr]
-            matrices[m] = mean_matrices(per_seed)
-            metrics = [summary_metrics(pm, r, smoothed=METHOD_SPECS[m]["family"] == "smooth")
-                       for pm, r in zip(per_seed, mr)]
-            summary[m] = {k: aggregate([x[k] for x in metrics]) for k in metrics[0]}
-        method_info = {}
-        for m in methods:
-            spec = METHOD_SPECS[m]
-            base = METHOD_SPECS.get(spec.get("of"), spec)
-            info = {"label": spec["label"], "family": spec["family"]}
-            if base.get("structure"):
-                s = base["structure"]
-                info.update(structure=s, dynamics=base["dynamics"], kind=cfg.curvature_kind,
-                            prior_precision=self.calibration["prior_precision"].get(s))
-                if base["dynamics"] == "identity":
-                    info["gamma"] = cfg.gamma
-                else:
-                    info["process_noise_q"] = self.calibration["process_noise"].get(s)
-            info["strength"] = self.calibration["strength"].get(spec.get("of", m))
-            method_info[m] = info
-        for r in runs:  # drop bulky per-item samples from all but the first columns
-            for j, col in enumerate(r["columns"]):
-                if j > 1:
-                    r["columns"][j] = {k: v for k, v in col.items() if k != "samples"}
-        return {"benchmark": "continual", "preset": cfg.preset, "config": cfg.to_dict(),
-                "model": model_label(cfg.model), "machine": machine_info(self.device),
-                "provenance": [self.provenance.record()],
-                "tasks": names, "data": self.data.info, "methods": method_info, "calibration": self.calibration,
-                "base": {k: v for k, v in self.base_eval.items()}, "matrices": matrices, "summary": summary,
-                "runs": runs, "timing": dict(self.timing), "notes": self.notes + NOTES, "complete": True}
+        return assemble_payload(self.cfg, [t["name"] for t in self.data.tasks], runs, self.calibration,
+                                self.base_eval, machine=machine_info(self.device),
+                                provenance=[self.provenance.record()], data_info=self.data.info,
+                                timing=dict(self.timing), notes=self.notes + NOTES)
 
     def write(self, payload: dict) -> None:
         write_outputs(payload, self.out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -63,6 +64,26 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert len(smooth["smoothing"]) == T - 1
     md = (tmp_path / "tiny.md").read_text()
     assert "## Summary" in md and "tiny_summary.png" in md and "filter_dlr+smooth" in md
+
+    # parts split by method (each runs seq_lora first) merge into what the single run gave, keeping
+    # every part's provenance; a disagreeing seq_lora run is refused
+    from benchmarks.harness import write_json
+
+    paths = []
+    for methods, commit in ((["seq_lora", "filter_dlr"], "a" * 40), (["seq_lora", "filter_dlr+smooth"], "b" * 40)):
+        part = copy.deepcopy(data)
+        part["config"]["methods"] = methods
+        part["runs"] = [r for r in part["runs"] if r["method"] in methods]
+        part["provenance"][0]["commit"] = commit
+        paths.append(write_json(tmp_path / commit[0] / "tiny.json", part).parent)
+    merged = continual.merge_results(paths, name="tiny.json")
+    assert merged["matrices"] == data["matrices"] and merged["summary"] == data["summary"]
+    assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]
+    bad = copy.deepcopy(data)
+    bad["runs"][0]["columns"][1]["mcq_acc"] += 0.5
+    write_json(tmp_path / "bad" / "tiny.json", bad)
+    with pytest.raises(ValueError, match="more than one part with different scores"):
+        continual.merge_results([paths[0], tmp_path / "bad"], name="tiny.json")
 
 
 def test_method_order_and_metrics():
