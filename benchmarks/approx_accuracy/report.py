@@ -9,6 +9,7 @@ import torch
 from benchmarks import harness
 from benchmarks.approx_accuracy.inputs import median, pct
 from benchmarks.harness import fmt, fmt_bytes, markdown_table
+from benchmarks.harness.report import provenance_markdown
 
 # ---------------------------------------------------------------------------------- outputs
 
@@ -160,6 +161,7 @@ def write_markdown(result: dict, path: Path, plots: dict[str, Path]) -> Path:
                                        f"{s.get('terms', '')}: {s['error']}" for s in result["skipped"]] + [""]
     lines += ["## Timings", "", markdown_table(["phase", "seconds"], [[k, v] for k, v in result["timings"].items()]),
               ""]
+    lines += ["", provenance_markdown(result.get("provenance"))]
     path.write_text("\n".join(lines))
     return path
 

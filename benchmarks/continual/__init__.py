@@ -49,11 +49,18 @@ Package layout: :mod:`.config` (methods, :class:`Config`, presets), :mod:`.tasks
 (the payload from runs; parts split by method joined into one), ``__main__`` (the command line).
 """
 
-from benchmarks.continual.config import METHOD_SPECS, PRESET_NAMES, PRESETS, Config, make_config, trained_methods
+from benchmarks.continual.config import (
+    METHOD_SPECS,
+    PRESET_NAMES,
+    PRESETS,
+    Config,
+    make_config,
+    trained_methods,
+)
 from benchmarks.continual.merge import merge_results
 from benchmarks.continual.metrics import summary_metrics
-from benchmarks.continual.run import Benchmark, run_benchmark
 from benchmarks.continual.report import rerender, write_outputs
+from benchmarks.continual.run import Benchmark, run_benchmark
 
 __all__ = ["METHOD_SPECS", "PRESET_NAMES", "PRESETS", "Config", "make_config", "trained_methods", "summary_metrics",
            "Benchmark", "run_benchmark", "rerender", "write_outputs", "merge_results", "main"]

@@ -10,7 +10,12 @@ from benchmarks.continual.config import PRESETS, RESULTS_DIR, make_config
 from benchmarks.continual.merge import merge_results
 from benchmarks.continual.report import rerender, write_outputs
 from benchmarks.continual.run import run_benchmark
-from benchmarks.harness import benchmark_parser, parse_overrides, print_presets, resolve_device
+from benchmarks.harness import (
+    benchmark_parser,
+    parse_overrides,
+    print_presets,
+    resolve_device,
+)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,7 +4,12 @@ settings. Shared by a finished run and by the merging of parts (:mod:`.merge`)."
 from __future__ import annotations
 
 from benchmarks.continual.config import METHOD_SPECS, Config
-from benchmarks.continual.metrics import aggregate, mean_matrices, run_matrices, summary_metrics
+from benchmarks.continual.metrics import (
+    aggregate,
+    mean_matrices,
+    run_matrices,
+    summary_metrics,
+)
 from benchmarks.harness import model_label
 
 

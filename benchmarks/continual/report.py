@@ -8,8 +8,17 @@ import statistics
 from pathlib import Path
 
 from benchmarks.continual.config import METHOD_SPECS
-from benchmarks.harness import (COLORS, annotate_bars, fmt, load_result, markdown_table, plot_style, save_figure,
-                                write_json)
+from benchmarks.harness import (
+    COLORS,
+    annotate_bars,
+    fmt,
+    load_result,
+    markdown_table,
+    plot_style,
+    save_figure,
+    write_json,
+)
+from benchmarks.harness.report import provenance_markdown
 
 
 def write_outputs(payload: dict, out: Path) -> None:
@@ -245,4 +254,5 @@ def render_markdown(payload: dict) -> str:
     lines += ["", "Timing (s): " + ", ".join(f"{k} {v:.0f}" for k, v in t.items() if isinstance(v, (int, float))), ""]
     for f in payload.get("figures", []):
         lines.append(f"![{f}]({f})")
+    lines += ["", provenance_markdown(payload.get("provenance"))]
     return "\n".join(lines) + "\n"

@@ -12,12 +12,17 @@ from typing import Any, Callable
 
 import torch
 
-from benchmarks.continual.config import METHOD_SPECS, NOTES, RESULTS_DIR, Config, trained_methods
 from benchmarks.continual.assemble import assemble_payload
+from benchmarks.continual.config import (
+    METHOD_SPECS,
+    NOTES,
+    RESULTS_DIR,
+    Config,
+    trained_methods,
+)
 from benchmarks.continual.report import write_outputs
 from benchmarks.continual.tasks import SEED_STRIDE, task_items
 from benchmarks.harness import Provenance, load_base_model, machine_info, resolve_device
-
 
 # ============================================================================================
 # Data
@@ -306,8 +311,8 @@ class Benchmark:
 
     # ------------------------------------------------------------------ main loop
     def run(self) -> dict:
-        from lalora_curv.experiments.models import add_lora
         from lalora_curv import LoRAParams
+        from lalora_curv.experiments.models import add_lora
 
         cfg = self.cfg
         self.log(f"preset {cfg.preset}: model {cfg.model}, device {self.device}, threads {torch.get_num_threads()}")

@@ -8,6 +8,7 @@ from benchmarks import harness
 from benchmarks.cost.measure import fit_name
 from benchmarks.cost.plots import get_path, make_plots
 from benchmarks.harness import fmt, fmt_bytes, markdown_table
+from benchmarks.harness.report import provenance_markdown
 
 
 # ============================================================================================ outputs
@@ -178,6 +179,7 @@ def render_markdown(result: dict) -> str:
              "holds" if c["holds"] else "MISSED", c["conditions"]] for c in result.get("target_checks", [])]
     lines.append(markdown_table(["target", "model", "measured", "value", "threshold", "verdict", "conditions"], rows,
                                 align=["l", "l", "l", "r", "r", "l", "l"]))
+    lines += ["", provenance_markdown(result.get("provenance"))]
     return "\n".join(lines) + "\n"
 
 

@@ -35,7 +35,13 @@ fast shared-prompt MCQ scorer), :mod:`.run` (training with ``lalora_curv.finetun
 result), ``__main__`` (the command line).
 """
 
-from benchmarks.forgetting.config import B0_INIT, PRESET_NAMES, PRESETS, Config, make_config
+from benchmarks.forgetting.config import (
+    B0_INIT,
+    PRESET_NAMES,
+    PRESETS,
+    Config,
+    make_config,
+)
 from benchmarks.forgetting.data import Data, check_proxy_disjoint
 from benchmarks.forgetting.merge import merge_results
 from benchmarks.forgetting.run import Benchmark, run_benchmark, try_baselines

@@ -15,6 +15,7 @@ from benchmarks.harness import (
     save_figure,
     write_json,
 )
+from benchmarks.harness.report import provenance_markdown
 
 
 def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provenance: list[dict], notes: list,
@@ -208,6 +209,7 @@ def render_markdown(payload: dict, summary: dict) -> str:
         lines.append(markdown_table(["run", "penalty", "q", "lam_ratio1"], crow))
     for fig in payload.get("figures", []):
         lines += ["", f"![{fig}]({fig})"]
+    lines += ["", provenance_markdown(payload.get("provenance"))]
     return "\n".join(lines) + "\n"
 
 

@@ -18,7 +18,14 @@ from benchmarks.forgetting.data import Data, load_data, proxy_for, train_batches
 from benchmarks.forgetting.evaluation import base_scores, evaluate
 from benchmarks.forgetting.report import brief, write_outputs
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
-from benchmarks.harness import Provenance, fmt, legacy_provenance, load_base_model, machine_info, resolve_device
+from benchmarks.harness import (
+    Provenance,
+    fmt,
+    legacy_provenance,
+    load_base_model,
+    machine_info,
+    resolve_device,
+)
 
 # ============================================================================================
 # Models, penalties, training

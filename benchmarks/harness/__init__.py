@@ -11,13 +11,37 @@ merging of parts, and the shared table/plot helpers.
 """
 
 from benchmarks.harness.cli import benchmark_parser, print_presets, settings_from_args
-from benchmarks.harness.machine import machine_info, package_versions, resolve_device, resolve_dtype
-from benchmarks.harness.models import MODEL_LABELS, load_base_model, model_label, random_shape_llama
+from benchmarks.harness.machine import (
+                                        machine_info,
+                                        package_versions,
+                                        resolve_device,
+                                        resolve_dtype,
+)
+from benchmarks.harness.models import (
+                                        MODEL_LABELS,
+                                        load_base_model,
+                                        model_label,
+                                        random_shape_llama,
+)
 from benchmarks.harness.presets import PresetTable, apply_overrides, parse_overrides
 from benchmarks.harness.provenance import Provenance, legacy_provenance
-from benchmarks.harness.report import COLORS, annotate_bars, fmt, fmt_bytes, markdown_table, plot_style, save_figure
-from benchmarks.harness.results import (check_mergeable, load_result, merge_parts, provenance_of, to_jsonable,
-                                        write_json)
+from benchmarks.harness.report import (
+                                        COLORS,
+                                        annotate_bars,
+                                        fmt,
+                                        fmt_bytes,
+                                        markdown_table,
+                                        plot_style,
+                                        save_figure,
+)
+from benchmarks.harness.results import (
+                                        check_mergeable,
+                                        load_result,
+                                        merge_parts,
+                                        provenance_of,
+                                        to_jsonable,
+                                        write_json,
+)
 from benchmarks.harness.timing import PeakMemory, Timing, measure, release_memory, sync
 
 __all__ = [

@@ -98,3 +98,21 @@ def save_figure(fig, path: str | Path, footnote: str | None = None) -> Path:
     fig.savefig(path, format="png")
     plt.close(fig)
     return path
+
+
+def provenance_markdown(records: Sequence[dict] | None) -> str:
+    """A markdown section listing each part's commit (clean/dirty), device, preset, command and times."""
+    if not records:
+        return ""
+    rows = []
+    for i, rec in enumerate(records, start=1):
+        commit = (rec.get("commit") or "?")[:12]
+        state = {True: "dirty", False: "clean", None: "unknown"}[rec.get("dirty")]
+        if rec.get("dirty") and rec.get("dirty_code") is False:
+            state = "results only dirty"
+        rows.append([str(i), f"`{commit}` ({state})", f"{rec.get('device') or '-'} ({rec.get('device_name') or '-'})",
+                     str(rec.get("preset") or "-"), f"`{rec.get('command') or '-'}`",
+                     f"{rec.get('started_utc') or '-'} → {rec.get('finished_utc') or '-'}",
+                     str(rec.get("source") or "-")])
+    return "## Provenance\n\n" + markdown_table(["part", "commit", "device", "preset", "command", "time (UTC)",
+                                                 "record"], rows, align=["l"] * 7)

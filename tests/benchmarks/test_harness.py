@@ -129,3 +129,14 @@ def test_old_committed_continual_result_rerenders(tmp_path):
     rerender(tmp_path, "small")
     assert "## Summary" in (tmp_path / "small.md").read_text()
     assert (tmp_path / "small_summary.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_committed_cost_and_approx_results_render(tmp_path):
+    """The reports render the committed result files (written before the harness), provenance included."""
+    from benchmarks.approx_accuracy.report import write_markdown
+    from benchmarks.cost.report import render_markdown
+
+    cost_md = render_markdown(load_result(RESULTS / "cost" / "small-cpu.json"))
+    assert "# Cost benchmark" in cost_md and "## Provenance" in cost_md and "legacy file" in cost_md
+    path = write_markdown(load_result(RESULTS / "approx_accuracy" / "small-cpu.json"), tmp_path / "aa.md", {})
+    assert "# Approximation accuracy" in path.read_text() and "## Provenance" in path.read_text()
