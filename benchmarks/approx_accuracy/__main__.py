@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import traceback
 
 from benchmarks.approx_accuracy.config import PRESETS, RESULTS_DIR
@@ -25,7 +27,11 @@ def main(argv=None) -> int:
     if args.merge:
         if not args.output_dir:
             ap.error("--merge needs --output-dir")
-        result = merge_results(args.merge)
+        try:
+            result = merge_results(args.merge)
+        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
+            print(f"{ap.prog}: error: {err}", file=sys.stderr)
+            return 1
     else:
         settings = settings_from_args(ap, args, PRESETS)
         settings["preset"] = args.preset

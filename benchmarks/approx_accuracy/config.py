@@ -94,4 +94,7 @@ PRESETS = PresetTable("approx_accuracy", {    # CPU, 2 cores, about 15 minutes: 
         stabilization=dict(combo=["qv", "b0"], num_batches=[1, 2, 4],
                            structures=["diag", "kfac", "lowrank", "diag_lowrank"], fits=[MC1]),
     ),
+}, optional={
+    "auto_ggn": "also fit kind='ggn' where the vocabulary is small (default true)",
+    "extra_fits": "{'config/setting': [fit, ...]} fits added for one combo (default none)",
 })

@@ -36,7 +36,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:  # parts split by method (--set methods=[...]), each with <preset>.json
         if not args.output_dir:
             parser.error("--merge needs --output-dir")
-        write_outputs(merge_results(args.merge, name=f"{args.preset}.json"), args.output_dir)
+        try:
+            merged = merge_results(args.merge, name=f"{args.preset}.json")
+        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
+        write_outputs(merged, args.output_dir)
         return 0
     if args.render_only:
         rerender(args.output_dir or RESULTS_DIR, args.preset)

@@ -34,6 +34,10 @@ ANCHOR = ("issue anchor (H100, batch 4x512, LoRA r=8 q,v, random-weight Llama sh
           "curvlinops' K-FAC state added ~3 GB on the 3B shape")
 
 
+# laplace-torch's default GGN backend runs one backward per class above this: skipped
+TYPE2_MAX_CLASSES = 256
+
+
 def _spec(key: str, source: str, batch: int, seq: int, layers: int | None = None, scope: str = "all") -> dict:
     return dict(key=key, source=source, batch=batch, seq=seq, layers=layers, scope=scope)
 
@@ -78,6 +82,9 @@ PRESETS = PresetTable("cost", {
         tiny_configs={"tiny": dict(vocab_size=128, hidden_size=32, num_layers=2),
                       "tiny-wide": dict(vocab_size=128, hidden_size=64, num_layers=1)},
     ),
+}, optional={
+    "type2_max_classes": f"laplace-torch's exact type-2 paths are skipped above this many classes "
+                         f"(default {TYPE2_MAX_CLASSES})",
+    "collect_garbage": "a full gc.collect() before each measurement (default true)",
+    "sweep_repeats": "timed repeats of the sweeps (default: repeats)",
 })
-
-TYPE2_MAX_CLASSES = 256  # laplace-torch's default GGN backend runs one backward per class above this: skipped

@@ -24,7 +24,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.merge:
         if not args.output_dir:
             parser.error("--merge needs --output-dir")
-        merge_results(args.merge, args.output_dir)
+        try:
+            merge_results(args.merge, args.output_dir)
+        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
+            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+            return 1
         return 0
     if args.list_presets:
         for name in PRESETS:

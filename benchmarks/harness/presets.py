@@ -37,10 +37,16 @@ def _as_settings(value: Any) -> dict:
     raise TypeError(f"a preset is a dict or a dataclass instance, got {type(value).__name__}")
 
 
-def apply_overrides(settings: dict, overrides: Mapping[str, Any]) -> dict:
+def apply_overrides(settings: dict, overrides: Mapping[str, Any], optional: Iterable[str] = ()) -> dict:
     """Set each (dotted) key of ``overrides`` in ``settings`` (in place; returned). Every path
-    component must exist already: a typo is an error, not a new silent setting."""
+    component must exist already, except the top-level keys named in ``optional`` (settings a
+    benchmark reads with a default when a preset omits them): a typo is an error, not a new silent
+    setting."""
+    optional = set(optional)
     for key, value in overrides.items():
+        if key in optional:
+            settings[key] = copy.deepcopy(value)
+            continue
         node, parts = settings, key.split(".")
         for depth, part in enumerate(parts[:-1]):
             child = node.get(part) if isinstance(node, dict) else None
@@ -50,8 +56,8 @@ def apply_overrides(settings: dict, overrides: Mapping[str, Any]) -> dict:
             node = child
         if parts[-1] not in node:
             prefix = ".".join(parts[:-1])
-            raise KeyError(f"unknown setting {key!r}; valid keys{' of ' + prefix if prefix else ''}: "
-                           f"{sorted(node)}")
+            valid = sorted(set(node) | (optional if not prefix else set()))
+            raise KeyError(f"unknown setting {key!r}; valid keys{' of ' + prefix if prefix else ''}: {valid}")
         node[parts[-1]] = copy.deepcopy(value)
     return settings
 
@@ -60,15 +66,18 @@ class PresetTable(Mapping[str, dict]):
     """``name -> settings`` of one benchmark. Indexing returns a deep copy (callers may edit it).
 
     ``presets``: dicts, or dataclass instances (stored as ``dataclasses.asdict``); ``descriptions``:
-    one line per preset for ``--list-presets``.
+    one line per preset for ``--list-presets``; ``optional``: ``{key: meaning}`` of top-level settings
+    that ``--set`` may add although a preset omits them (the benchmark reads them with a default).
     """
 
-    def __init__(self, benchmark: str, presets: Mapping[str, Any], descriptions: Mapping[str, str] | None = None):
+    def __init__(self, benchmark: str, presets: Mapping[str, Any], descriptions: Mapping[str, str] | None = None,
+                 optional: Mapping[str, str] | None = None):
         if not presets:
             raise ValueError(f"{benchmark}: a preset table needs at least one preset")
         self.benchmark = benchmark
         self._presets = {name: _as_settings(value) for name, value in presets.items()}
         self.descriptions = dict(descriptions or {})
+        self.optional = dict(optional or {})
 
     def __getitem__(self, name: str) -> dict:
         if name not in self._presets:
@@ -83,7 +92,7 @@ class PresetTable(Mapping[str, dict]):
 
     def resolve(self, name: str, overrides: Mapping[str, Any] | None = None) -> dict:
         """The settings of preset ``name`` with ``overrides`` (``--set``) applied."""
-        return apply_overrides(self[name], overrides or {})
+        return apply_overrides(self[name], overrides or {}, optional=self.optional)
 
     def describe(self, name: str) -> str:
         return self.descriptions.get(name) or str(self._presets[name].get("description", ""))

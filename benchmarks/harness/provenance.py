@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import shlex
 import sys
+from pathlib import Path
 from importlib import metadata
 from typing import Any
 
@@ -36,6 +37,16 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
+def command_line(argv: list[str]) -> str:
+    """``argv`` shell-quoted, with a package's ``.../benchmarks/<name>/__main__.py`` shown as the
+    ``python -m benchmarks.<name>`` that ran it."""
+    if argv:
+        path = Path(argv[0])
+        if path.name == "__main__.py" and path.parent.parent.name == "benchmarks":
+            return shlex.join(["python", "-m", f"benchmarks.{path.parent.name}", *argv[1:]])
+    return shlex.join(argv)
+
+
 class Provenance:
     """Started when a benchmark part starts (before it writes anything, so its own outputs do not
     make the tree look dirty); :meth:`record` gives the JSON record with the end time.
@@ -51,7 +62,7 @@ class Provenance:
         self._record: dict[str, Any] = {
             "commit": git.get("commit"), "dirty": git.get("dirty"), "dirty_code": git.get("dirty_code"),
             "dirty_files": git.get("dirty_files", []), "versions": _versions(), "device": str(torch.device(device)),
-            "device_name": device_name(device), "preset": preset, "command": shlex.join(argv), "argv": argv,
+            "device_name": device_name(device), "preset": preset, "command": command_line(argv), "argv": argv,
             "started_utc": _now(), "finished_utc": None, "source": "recorded"}
 
     def record(self, finished: bool = True) -> dict[str, Any]:

@@ -66,6 +66,8 @@ def test_provenance_record():
     assert set(rec["versions"]) == {"torch", "transformers", "peft"}
     assert rec["command"] == "prog --set 'a=b c'" and rec["preset"] == "tiny"
     assert len(rec["commit"]) == 40 and isinstance(rec["dirty"], bool)
+    rec = Provenance(preset="tiny", device="cpu", argv=["/x/benchmarks/cost/__main__.py", "--preset", "tiny"]).record()
+    assert rec["command"] == "python -m benchmarks.cost --preset tiny"
 
 
 @pytest.mark.parametrize("path", ["cost/small-cpu.json", "approx_accuracy/small-cpu.json", "continual/small.json",
@@ -140,3 +142,10 @@ def test_committed_cost_and_approx_results_render(tmp_path):
     assert "# Cost benchmark" in cost_md and "## Provenance" in cost_md and "legacy file" in cost_md
     path = write_markdown(load_result(RESULTS / "approx_accuracy" / "small-cpu.json"), tmp_path / "aa.md", {})
     assert "# Approximation accuracy" in path.read_text() and "## Provenance" in path.read_text()
+
+
+def test_optional_settings_may_be_set_though_a_preset_omits_them():
+    table = PresetTable("demo", {"small": {"steps": 4}}, optional={"collect": "a flag read with a default"})
+    assert table.resolve("small", {"collect": False}) == {"steps": 4, "collect": False}
+    with pytest.raises(KeyError, match=r"valid keys: \['collect', 'steps'\]"):
+        table.resolve("small", {"colect": False})
