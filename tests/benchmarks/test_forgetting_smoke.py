@@ -43,11 +43,15 @@ def test_tiny_preset_end_to_end(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Forgetting evidence" in summary and "pareto_nll.png" in summary
 
-    # a second run reuses the cached base-model evaluation
-    payload2 = forgetting.run_benchmark(forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}]}),
-                                        tmp_path, "cpu", progress=False, log=lambda *_: None)
+    # a resumed run reuses the cached base-model evaluation and the finished runs (plain LoRA reruns:
+    # calibration needs its model), and keeps the provenance of the process that made them
+    payload2 = forgetting.run_benchmark(forgetting.make_config("tiny"), tmp_path, "cpu", progress=False, resume=True,
+                                        log=lambda *_: None)
     assert payload2["timing"]["base_eval_cached"] is True
     assert payload2["base"] == payload["base"]
+    assert [r["metrics"] for r in payload2["runs"] if r["method"] != "lora"] == \
+        [r["metrics"] for r in data["runs"] if r["method"] != "lora"]
+    assert payload2["provenance"][0] == data["provenance"][0] and len(payload2["provenance"]) == 2
 
 
 def test_small_preset_runs_and_tables():
