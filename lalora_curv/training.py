@@ -339,7 +339,8 @@ class FinetuneResult:
             the prediction terms of the step's micro-batches), ``penalty`` (value before the
             step, 0 without a penalty), ``grad_norm`` (NaN unless clipping), and the metrics of
             ``eval_fn`` on the steps where it ran.
-        params: the final LoRA weights (``lora.snapshot()``).
+        params: the final LoRA weights (``lora.snapshot()``), or with ``finetune(params=...)`` the
+            final values of those parameters by name.
         initial_eval: ``eval_fn`` before the first step (None without ``eval_fn``).
         seconds: wall time of the training loop.
     """
@@ -399,7 +400,8 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
              lr: float, grad_accum: int = 1, seed: int,
              eval_fn: Callable[[nn.Module], Mapping[str, float]] | None = None, eval_every: int | None = None,
              progress: bool = True, optimizer: str | Callable = "adamw", weight_decay: float = 0.0,
-             max_grad_norm: float | None = None, lora: LoRAParams | None = None) -> FinetuneResult:
+             max_grad_norm: float | None = None, lora: LoRAParams | None = None,
+             params: Iterable[Tensor] | None = None) -> FinetuneResult:
     """LoRA fine-tuning of a peft causal LM (or classifier) with an optional penalty.
 
     The optimizer trains what peft marks trainable: every ``requires_grad`` parameter of
@@ -431,14 +433,33 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
         optimizer: "adamw" | "adam" | "sgd" | ``callable(params) -> Optimizer``.
         max_grad_norm: clip the total gradient norm (task + penalty); None = off.
         lora: the registry (built from ``model`` if None).
+        params: train these parameters instead of the LoRA ones, for a model whose trainable
+            parameters are not a LoRA adapter (e.g. an orthogonal-subspace method); ``lora`` must
+            then be None, and ``FinetuneResult.params`` maps their ``model.named_parameters()``
+            names to the final values. Same loop, optimizer and seeding otherwise.
     """
     steps = int(steps)
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if eval_every is not None and int(eval_every) < 1:
         raise ValueError(f"eval_every must be >= 1 or None, got {eval_every}")
-    lora = LoRAParams.from_model(model) if lora is None else lora
-    device = lora.device
+    if params is not None:
+        if lora is not None:
+            raise ValueError("finetune: pass either lora or params, not both")
+        trained = list(params)
+        if not trained:
+            raise ValueError("finetune: params is empty")
+        names = {id(p): name for name, p in model.named_parameters()}
+        missing = sum(id(p) not in names for p in trained)
+        if missing:
+            raise ValueError(f"finetune: {missing} of params are not parameters of model")
+        device = trained[0].device
+        optimized = trained
+    else:
+        lora = LoRAParams.from_model(model) if lora is None else lora
+        trained = lora.params
+        device = lora.device
+        optimized = _trainable_parameters(model, lora)  # what peft marks trainable, LoRA matrices first
     _move_penalty(penalty, device)
     batches = itertools.cycle(train_batches)
     devices = [device.index if device.index is not None else torch.cuda.current_device()] \
@@ -448,9 +469,8 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
     start = time.perf_counter()
     with torch.random.fork_rng(devices=devices):
         torch.manual_seed(seed)
-        trainable = _trainable_parameters(model, lora)
-        opt = _make_optimizer(optimizer, trainable, lr, weight_decay)
-        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=trainable)
+        opt = _make_optimizer(optimizer, optimized, lr, weight_decay)
+        loop = PenaltyLoop(opt, penalty, grad_accum=grad_accum, max_grad_norm=max_grad_norm, params=optimized)
         if eval_fn is not None:
             initial_eval = _run_eval(model, eval_fn)
         model.train()
@@ -485,5 +505,6 @@ def finetune(model: nn.Module, train_batches: Iterable[Any], *, penalty: nn.Modu
                 bar.close()
             opt.zero_grad(set_to_none=True)
             model.eval()
-    return FinetuneResult(history=history, params=lora.snapshot(), initial_eval=initial_eval,
+    final = lora.snapshot() if lora is not None else {names[id(p)]: p.detach().clone() for p in trained}
+    return FinetuneResult(history=history, params=final, initial_eval=initial_eval,
                           seconds=time.perf_counter() - start)

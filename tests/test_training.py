@@ -328,3 +328,47 @@ def test_finetune_trains_everything_peft_marks_trainable():
             torch.testing.assert_close(p.detach(), before[name] - lr * grads[name], rtol=0, atol=1e-12)
         else:
             assert torch.equal(p.detach(), before[name]), name
+
+
+def test_finetune_trains_given_params_of_a_model_without_lora():
+    """finetune(params=...) trains parameters that are not a LoRA adapter (orthogonal-subspace
+    baselines): one SGD step equals theta - lr * grad of the step's exact token-mean loss, the result
+    maps the parameters' names to their final values, and lora/params together are refused."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    model = LlamaForCausalLM(cfg).double()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trained = [model.model.layers[0].self_attn.v_proj.weight, model.model.norm.weight]
+    for p in trained:
+        p.requires_grad_(True)
+    batches = make_batches(2, batch_size=3, seed=6)
+    for b in batches:
+        b["input_ids"] = b["input_ids"] % 64
+        b["labels"] = torch.where(b["labels"] == -100, b["labels"], b["labels"] % 64)
+    start = [p.detach().clone() for p in trained]
+
+    # reference: the gradient of sum CE / number of terms over both micro-batches, one SGD step
+    total = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    loss = sum(task_loss_sum(model, b) for b in batches) / total
+    grads = torch.autograd.grad(loss, trained)
+    expected = [p0 - 0.3 * g for p0, g in zip(start, grads)]
+
+    result = finetune(model, batches, params=trained, steps=1, lr=0.3, grad_accum=2, optimizer="sgd", seed=0,
+                      progress=False)
+    assert set(result.params) == {"model.layers.0.self_attn.v_proj.weight", "model.norm.weight"}
+    torch.testing.assert_close(result.params["model.layers.0.self_attn.v_proj.weight"], expected[0], rtol=0,
+                               atol=1e-12)
+    torch.testing.assert_close(result.params["model.norm.weight"], expected[1], rtol=0, atol=1e-12)
+    assert result.history[0]["task_loss"] == pytest.approx(float(loss), rel=1e-12)
+    assert not model.training and all(p.grad is None for p in trained)
+
+    with pytest.raises(ValueError, match="either lora or params"):
+        finetune(make_model(0), batches, params=trained, lora=lc.LoRAParams.from_model(make_model(0)), steps=1,
+                 lr=0.1, seed=0, progress=False)
+    with pytest.raises(ValueError, match="not parameters of model"):
+        finetune(make_model(0), batches, params=trained, steps=1, lr=0.1, seed=0, progress=False)

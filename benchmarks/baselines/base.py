@@ -8,8 +8,9 @@ weights, the LoRA matrices / base weights are overwritten afterwards under ``tor
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn

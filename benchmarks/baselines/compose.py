@@ -10,7 +10,8 @@ LoRA weights and returns the ``LaplacePenalty`` anchored there.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from lalora_curv import LaplacePenalty, LoRAParams, fit_curvature
 

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-aa = pytest.importorskip("benchmarks.approx_accuracy")
+from benchmarks.approx_accuracy import config, dense, inputs, references, report, run  # noqa: E402
 
 MC1 = {"kind": "mc", "mc_samples": 1}
 EMP = {"kind": "empirical"}
@@ -20,7 +20,7 @@ EMP = {"kind": "empirical"}
 
 def _smoke_config() -> dict:
     """The "tiny" preset cut down to one combo and a few fits per part (every part still runs)."""
-    cfg = copy.deepcopy(aa.PRESETS["tiny"])
+    cfg = copy.deepcopy(config.PRESETS["tiny"])
     cfg.update(
         combos=[["qv", "bnz"]], fits=[MC1, EMP], auto_ggn=False, n_random=1,
         proxy=dict(batch_size=2, seq_len=8, num_batches=1),
@@ -42,7 +42,7 @@ def _smoke_config() -> dict:
 @pytest.fixture(scope="module")
 def smoke_result():
     torch.manual_seed(0)
-    return aa.run_benchmark(_smoke_config(), device="cpu", progress=False)
+    return run.run_benchmark(_smoke_config(), device="cpu", progress=False)
 
 
 def test_result_keys(smoke_result):
@@ -52,6 +52,8 @@ def test_result_keys(smoke_result):
         assert key in r, key
     assert r["benchmark"] == "approx_accuracy"
     assert {"device", "versions", "timestamp_utc"} <= set(r["machine"])
+    (prov,) = r["provenance"]
+    assert prov["preset"] == "smoke" and prov["device"] == "cpu" and len(prov["commit"]) == 40
     assert "torch" in r["machine"]["versions"]
     assert list(r["combos"]) == ["qv/bnz"]
     combo = r["combos"]["qv/bnz"]
@@ -65,15 +67,15 @@ def test_result_keys(smoke_result):
 def test_qf_rows(smoke_result):
     rows = smoke_result["qf"]
     structures = {row["structure"] for row in rows}
-    assert set(aa.STRUCTURES) <= structures
+    assert set(config.STRUCTURES) <= structures
     assert "exact EF (token)" in structures
     for row in rows:
         assert {"combo", "setting", "reference", "structure", "kind", "label", "directions", "summary"} <= set(row)
         assert row["reference"] in ("ggn", "ef")
-        assert set(aa.DIRECTION_TYPES) <= set(row["summary"])
+        assert set(config.DIRECTION_TYPES) <= set(row["summary"])
         for d in row["directions"].values():
             assert {"q", "q_ref", "rel_err"} <= set(d)
-    fitted = [row for row in rows if row["structure"] in aa.STRUCTURES]
+    fitted = [row for row in rows if row["structure"] in config.STRUCTURES]
     assert all({"nbytes", "fit_seconds", "terms"} <= set(row) for row in fitted)
 
 
@@ -101,7 +103,7 @@ def test_other_parts(smoke_result):
 
 
 def test_outputs_written(smoke_result, tmp_path):
-    paths = aa.write_outputs(smoke_result, tmp_path)
+    paths = report.write_outputs(smoke_result, tmp_path)
     assert {"json", "md", "qf", "stab", "dense"} <= set(paths)
     for p in paths.values():
         assert p.exists() and p.stat().st_size > 0
@@ -115,13 +117,13 @@ def test_exact_dense_ggn_matches_curvlinops():
     """The dense one-layer reference (J_u^T W^T H W J_u) and the JVP quadratic forms equal curvlinops'
     GGN matvecs."""
     cfg = _smoke_config()
-    base, tok = aa.load_base(cfg, torch.device("cpu"))
-    model, lora, _ = aa.make_lora_model(base, cfg, [cfg["dense"]["module"]], "bnz")
-    batches = aa.packed_batches(tok, cfg, "proxy", 1, 6, 1, 0)
-    G = aa.exact_dense_ggn(model, lora, batches, jvp_chunk=32).double()
+    base, tok = inputs.load_base(cfg, torch.device("cpu"))
+    model, lora, _ = inputs.make_lora_model(base, cfg, [cfg["dense"]["module"]], "bnz")
+    batches = inputs.packed_batches(tok, cfg, "proxy", 1, 6, 1, 0)
+    G = dense.exact_dense_ggn(model, lora, batches, jvp_chunk=32).double()
     V = torch.randn(lora.numel, 2, generator=torch.Generator().manual_seed(0))
-    q_matvec = aa.matvec_forms(model, lora.params, batches, V, "ggn", 2)[0]
-    q_jvp = aa.reference_forms(model, lora.params, batches, V, 2)["ggn"][0]
+    q_matvec = references.matvec_forms(model, lora.params, batches, V, "ggn", 2)[0]
+    q_jvp = references.reference_forms(model, lora.params, batches, V, 2)["ggn"][0]
     q = (V.double() * (G @ V.double())).sum(0)
     torch.testing.assert_close(q, q_matvec, rtol=1e-4, atol=1e-10)
     torch.testing.assert_close(q_jvp, q_matvec, rtol=1e-4, atol=1e-10)
@@ -132,11 +134,33 @@ def test_derived_views_equal_separate_fits():
     import lalora_curv as lc
 
     cfg = _smoke_config()
-    base, tok = aa.load_base(cfg, torch.device("cpu"))
-    model, lora, _ = aa.make_lora_model(base, cfg, ["q_proj", "v_proj"], "bnz")
-    batches = aa.packed_batches(tok, cfg, "proxy", 2, 8, 1, 0)
-    views = aa.fit_structures(model, lora, batches, ["diag", "lowrank"], MC1, cfg)
+    base, tok = inputs.load_base(cfg, torch.device("cpu"))
+    model, lora, _ = inputs.make_lora_model(base, cfg, ["q_proj", "v_proj"], "bnz")
+    batches = inputs.packed_batches(tok, cfg, "proxy", 2, 8, 1, 0)
+    views = references.fit_structures(model, lora, batches, ["diag", "lowrank"], MC1, cfg)
     for structure in ("diag", "lowrank"):
         separate = lc.fit_curvature(model, batches, structure=structure, kind="mc", mc_samples=1, rank=cfg["rank"],
                                     seed=cfg["seed"], lora=lora, progress=False)
         torch.testing.assert_close(views[structure][0].to_dense(), separate.to_dense(), rtol=1e-4, atol=1e-7)
+
+
+def test_merge_parts(smoke_result, tmp_path):
+    """Parts run separately (``--parts qf`` / ``--parts dense``) merge into one result with every
+    part's provenance; a part present twice is refused."""
+    from benchmarks.harness import to_jsonable, write_json
+
+    full = to_jsonable(smoke_result)  # what a result file holds
+    qf = copy.deepcopy(full)
+    qf.update(parts=["qf"], dense_layer=None)
+    qf["provenance"][0]["commit"] = "a" * 40
+    dn = copy.deepcopy(full)
+    dn.update(parts=["dense"], qf=[], crosscheck=[], delta_w=[], terms=[], kfac_memory=[], stabilization=None)
+    dn["provenance"][0]["commit"] = "b" * 40
+    paths = [write_json(tmp_path / name / "smoke-cpu.json", part).parent for name, part in (("q", qf), ("d", dn))]
+    merged = run.merge_results(paths)
+    assert merged["parts"] == ["qf", "dense"]
+    assert merged["qf"] == full["qf"] and merged["dense_layer"] == full["dense_layer"]
+    assert merged["stabilization"] == full["stabilization"]
+    assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]
+    with pytest.raises(ValueError, match="more than one"):
+        run.merge_results([paths[0], paths[0]])

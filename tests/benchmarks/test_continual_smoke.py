@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -23,6 +24,8 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert (tmp_path / "tiny_summary.png").read_bytes()[:4] == b"\x89PNG"
     data = json.loads((tmp_path / "tiny.json").read_text())
     assert data["complete"] is True
+    (prov,) = data["provenance"]  # one part: its commit, clean/dirty tree, versions, command, start/end
+    assert prov["preset"] == "tiny" and prov["device"] == "cpu" and prov["started_utc"] <= prov["finished_utc"]
     for key in ("config", "machine", "tasks", "data", "methods", "calibration", "base", "matrices", "summary", "runs",
                 "timing", "notes", "figures"):
         assert key in data, key
@@ -62,6 +65,26 @@ def test_tiny_preset_end_to_end(tmp_path):
     md = (tmp_path / "tiny.md").read_text()
     assert "## Summary" in md and "tiny_summary.png" in md and "filter_dlr+smooth" in md
 
+    # parts split by method (each runs seq_lora first) merge into what the single run gave, keeping
+    # every part's provenance; a disagreeing seq_lora run is refused
+    from benchmarks.harness import write_json
+
+    paths = []
+    for methods, commit in ((["seq_lora", "filter_dlr"], "a" * 40), (["seq_lora", "filter_dlr+smooth"], "b" * 40)):
+        part = copy.deepcopy(data)
+        part["config"]["methods"] = methods
+        part["runs"] = [r for r in part["runs"] if r["method"] in methods]
+        part["provenance"][0]["commit"] = commit
+        paths.append(write_json(tmp_path / commit[0] / "tiny.json", part).parent)
+    merged = continual.merge_results(paths, name="tiny.json")
+    assert merged["matrices"] == data["matrices"] and merged["summary"] == data["summary"]
+    assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]
+    bad = copy.deepcopy(data)
+    bad["runs"][0]["columns"][1]["mcq_acc"] += 0.5
+    write_json(tmp_path / "bad" / "tiny.json", bad)
+    with pytest.raises(ValueError, match="more than one part with different scores"):
+        continual.merge_results([paths[0], tmp_path / "bad"], name="tiny.json")
+
 
 def test_method_order_and_metrics():
     cfg = continual.make_config("small")
@@ -88,3 +111,13 @@ def test_method_order_and_metrics():
     assert s["plasticity_nll_drop"] == pytest.approx(1.0) and s["fwt_em"] == pytest.approx(0.1)
     assert s["task_aware_em"] == pytest.approx(0.55) and s["src_text_nll_delta"] == pytest.approx(0.3)
     assert s["mcq_acc_delta"] == pytest.approx(-0.1)
+
+
+def test_cli_flags(capsys):
+    from benchmarks.continual.__main__ import main
+
+    assert main(["--list-presets"]) == 0
+    assert {"small", "full", "tiny"} <= set(capsys.readouterr().out.split())
+    with pytest.raises(SystemExit) as exc:  # a mistyped setting is a usage error before anything runs
+        main(["--preset", "tiny", "--set", "stepz=3"])
+    assert exc.value.code == 2 and "stepz" in capsys.readouterr().err

@@ -54,13 +54,15 @@ def test_json_keys(smoke):
                 "wall_s"):
         assert key in data, key
     assert {"torch", "transformers", "peft", "curvlinops-for-pytorch"} <= set(data["machine"]["versions"])
+    (prov,) = data["provenance"]
+    assert prov["preset"] == "smoke" and prov["device"] == "cpu" and len(prov["commit"]) == 40
     assert data["machine"]["device_name"]
     (m,) = data["models"]
     for key in ("label", "config", "lora", "batch", "baseline", "fits", "curvlinops", "laplace_torch", "backpack",
                 "penalty", "seq_sweep", "rank_sweep"):
         assert key in m, key
     assert "random weights" in m["label"]
-    for key in ("median_s", "per_batch_s", "peak_delta_bytes", "times_s"):
+    for key in ("median_s", "per_batch_s", "peak_delta_bytes", "times_s", "spread_s", "iqr_s"):
         assert key in m["baseline"]["fwd_bwd"], key
         assert key in m["baseline"]["lora_step"], key
     fits = {(f["structure"], f["kind"]): f for f in m["fits"]}
@@ -125,3 +127,38 @@ def test_cli_parses_presets():
     assert full["device"] == "cuda" and full["dtype"] == "bfloat16"
     assert all(m["source"] != "gguf" for m in full["models"])  # the GPU machine cannot load the GGUF
     assert all(m["batch"] == 4 and m["seq"] == 512 for m in full["models"])
+
+
+def test_merge_parts_keeps_each_parts_provenance(smoke, tmp_path):
+    """Parts split by model (``--models``) merge into one result with every part's provenance."""
+    from benchmarks import cost
+    from benchmarks.harness import write_json
+
+    result, _ = smoke
+    parts = []
+    for i, commit in enumerate(("a" * 40, "b" * 40)):
+        part = copy.deepcopy(result)
+        part["models"] = [result["models"][0]] if i == 0 else [dict(result["models"][0], key="other")]
+        part["config"]["models"] = [result["config"]["models"][0]]
+        part["provenance"][0]["commit"] = commit
+        parts.append(write_json(tmp_path / f"p{i}" / "smoke-cpu.json", part).parent)
+    merged = cost.merge_results(parts)
+    assert [m["key"] for m in merged["models"]] == ["tiny", "other"]
+    assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]
+    assert merged["wall_s"] == pytest.approx(2 * result["wall_s"])
+    assert {c["model"] for c in merged["target_checks"]} >= {c["model"] for c in result["target_checks"]}
+    from benchmarks.cost.report import render_markdown
+
+    assert "# Cost benchmark" in render_markdown(merged)
+    with pytest.raises(ValueError, match="more than one part"):
+        cost.merge_results([parts[0], parts[0]])
+
+
+def test_cli_list_presets_and_bad_set(capsys):
+    from benchmarks.cost.__main__ import main
+
+    assert main(["--list-presets"]) == 0
+    assert "tiny" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        main(["--preset", "tiny", "--set", "seq_sweep.seqz=[8]"])
+    assert exc.value.code == 2 and "seqz" in capsys.readouterr().err

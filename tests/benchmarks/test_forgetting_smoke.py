@@ -1,4 +1,4 @@
-"""Smoke test of benchmarks/forgetting.py: the core loop on the tiny Llama, 3 methods, 2 steps."""
+"""Smoke test of the benchmarks.forgetting package: the core loop on the tiny Llama, 3 methods, 2 steps."""
 
 from __future__ import annotations
 
@@ -23,6 +23,8 @@ def test_tiny_preset_end_to_end(tmp_path):
                 "calibration", "timing", "data", "model"):
         assert key in data, key
     assert data["complete"] is True
+    (prov,) = data["provenance"]  # this run: commit, clean/dirty tree, versions, command, start/end
+    assert prov["preset"] == "tiny" and prov["finished_utc"] is not None and len(prov["commit"]) == 40
     assert data["data"]["disjoint_checked"] is True
     assert {r["family"] for r in data["runs"]} == {"LoRA", "L2", "LaLoRA-kfac"}
     for r in data["runs"]:
@@ -41,18 +43,22 @@ def test_tiny_preset_end_to_end(tmp_path):
     summary = (tmp_path / "summary.md").read_text()
     assert "Forgetting evidence" in summary and "pareto_nll.png" in summary
 
-    # a second run reuses the cached base-model evaluation
-    payload2 = forgetting.run_benchmark(forgetting.make_config("tiny", overrides={"methods": [{"method": "lora"}]}),
-                                        tmp_path, "cpu", progress=False, log=lambda *_: None)
+    # a resumed run reuses the cached base-model evaluation and the finished runs (plain LoRA reruns:
+    # calibration needs its model), and keeps the provenance of the process that made them
+    payload2 = forgetting.run_benchmark(forgetting.make_config("tiny"), tmp_path, "cpu", progress=False, resume=True,
+                                        log=lambda *_: None)
     assert payload2["timing"]["base_eval_cached"] is True
     assert payload2["base"] == payload["base"]
+    assert [r["metrics"] for r in payload2["runs"] if r["method"] != "lora"] == \
+        [r["metrics"] for r in data["runs"] if r["method"] != "lora"]
+    assert payload2["provenance"][0] == data["provenance"][0] and len(payload2["provenance"]) == 2
 
 
 def test_small_preset_runs_and_tables():
     """The small preset expands to every method family (baselines included when importable), and the
     matched-target table picks the best source score within the tolerance."""
     cfg = forgetting.make_config("small")
-    baselines = forgetting._try_baselines()
+    baselines = forgetting.try_baselines()
     runs, notes = forgetting.expand_runs(cfg, baselines)
     families = {r["family"] for r in runs}
     assert {"LoRA", "L2", "LaLoRA-diag", "LaLoRA-kfac", "LaLoRA-kfac_tridiag", "LaLoRA-kfac_delta_w"} <= families
@@ -85,7 +91,7 @@ def test_small_preset_runs_and_tables():
 
 def test_fast_mcq_matches_reference():
     """The shared-prompt MCQ scorer gives mcq_scores' log-likelihoods (tiny Llama, eager attention)."""
-    from benchmarks.forgetting_mcq import check_against_reference
+    from benchmarks.forgetting.mcq import check_against_reference
     from lalora_curv.experiments.data import wordnet_mcq
     from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
 
@@ -108,7 +114,13 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     assert l2["point"] == "rel=2" and l2["relative"] == 2.0
     assert l2["strength"] == pytest.approx(2.0 * a["calibration"]["qv/s0"]["l2"]["lam_ratio1"])
 
+    for part, commit in (("a", "a" * 40), ("b", "b" * 40)):  # as if the parts ran on different commits
+        payload = json.loads((tmp_path / part / "results.json").read_text())
+        payload["provenance"][0]["commit"] = commit
+        (tmp_path / part / "results.json").write_text(json.dumps(payload))
     merged = forgetting.merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
+    assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]  # every part's, not the first's
+    assert merged["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert sorted(r["id"] for r in merged["runs"]) == ["qv/s0/L2/rel=2", "qv/s0/LoRA/-", "qv/s1/LoRA/-"]
     assert merged["forgetting_evidence"]["qv"]["n_seeds"] == 2
     assert (tmp_path / "m" / "summary.md").is_file() and (tmp_path / "m" / "pareto_nll.png").is_file()
@@ -167,7 +179,7 @@ def test_proxy_leak_checks():
 
 def test_baseline_grid_point_sets_its_learning_rate(tmp_path):
     """``{"lr": ...}`` in a baseline grid point trains with that rate and is not passed to the baseline."""
-    if forgetting._try_baselines() is None:
+    if forgetting.try_baselines() is None:
         pytest.skip("benchmarks.baselines not importable")
     cfg = forgetting.make_config("tiny", overrides={
         "methods": [{"method": "baseline", "name": "milora", "grid": [{"lr": 0.5}, {}]}], "plain_seeds": []})
@@ -186,3 +198,17 @@ def test_plain_lora_learning_rate_control(tmp_path):
     assert by_family["LoRA (lr=0.5)"]["lr"] == 0.5 and by_family["LoRA"]["lr"] == cfg.lr
     assert payload["forgetting_evidence"]["qv"]["n_seeds"] == 1
     assert list(payload["calibration"]) == ["qv/s0"]
+
+
+def test_non_lora_baseline_trains_through_finetune(tmp_path):
+    """OSF trains parameters that are not LoRA: the benchmark hands them to ``lalora_curv.finetune``
+    (``params=``), the same loop as every other method."""
+    if forgetting.try_baselines() is None:
+        pytest.skip("benchmarks.baselines not importable")
+    cfg = forgetting.make_config("tiny", overrides={
+        "methods": [{"method": "baseline", "name": "osf", "grid": [{"trainable_rank": None}]}], "plain_seeds": []})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    (run,) = payload["runs"]
+    assert run["info"]["lora"] is False
+    h = run["history"]
+    assert h["steps"] == 2 and all(x > 0 for x in h["task_loss"]) and h["penalty_max"] == 0.0

@@ -1,0 +1,211 @@
+"""Settings of the forgetting benchmark: :class:`Config`, the method grids and the presets (one
+:class:`benchmarks.harness.PresetTable`; ``make_config`` applies ``--seeds`` and ``--set``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.harness import PresetTable, apply_overrides
+
+RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "forgetting"
+B0_INIT = "lora_default (B=0)"
+
+
+# ============================================================================================
+
+@dataclass
+class Config:
+    """Everything a run depends on (stored in the result JSON).
+
+    ``settings``: LoRA configurations; each is a dict with ``name``, ``target_modules`` and
+    optionally ``r``, ``alpha``, ``steps``, ``lr`` (overriding the top-level values) and ``methods``
+    (``"all"``: every method of ``methods``; ``"plain"``: plain LoRA only, as forgetting evidence;
+    a list of family / baseline names: those and plain LoRA).
+    ``methods``: method families, each ``{"method": ..., ...}`` (see :func:`expand_runs`).
+    """
+
+    preset: str = "small"
+    model: str = "smollm2"                 # "smollm2" | "tiny" | a local HF dir / .gguf path
+    dtype: str = "float32"
+    data_seed: int = 0                     # chooses the data samples (fixed across run seeds)
+    seeds: tuple = (0,)                    # run seeds: LoRA init, data order, MC curvature labels
+    plain_seeds: tuple = (0, 1)            # plain LoRA runs (forgetting evidence needs a spread)
+    # ---- target task
+    target_task: str = "gsm_symbolic"
+    n_train: int = 64
+    train_batch_size: int = 4
+    train_seq_len: int = 384
+    n_target_eval: int = 32
+    target_eval_seq_len: int = 512
+    generate: str = "all"                  # exact match by greedy generation: "all" | "plain" | "none"
+    n_generate: int | None = None          # items generated (None = all n_target_eval)
+    max_new_tokens: int = 128
+    gen_batch_size: int = 8
+    # ---- source evaluation (out-of-proxy: eval split; in-proxy: proxy split)
+    n_mcq: int = 64
+    n_mcq_proxy: int = 32
+    n_source_eval: int = 32                # held-out texts, half WordNet half pydoc
+    source_seq_len: int = 128
+    eval_batch_size: int = 16
+    mcq_impl: str = "fast"                 # "fast" (shared prompt, checked against the reference) | "reference"
+    # ---- curvature proxy data
+    proxy_kind: str = "mix"                # "wordnet" | "pydoc" | "mix"
+    proxy_batches: int = 2
+    proxy_batch_size: int = 8
+    proxy_seq_len: int = 128
+    curvature_kind: str = "mc"
+    mc_samples: int = 1
+    prior_rel: float = 1e-3                # prior_precision = prior_rel * mean non-zero diag(P)
+    calibrate_structures: list | None = None  # structures scored at plain LoRA's solution (None: those in methods)
+    # ---- LoRA and training
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.0
+    steps: int = 40
+    lr: float = 1e-3
+    grad_accum: int = 1
+    max_grad_norm: float | None = 1.0
+    settings: list = field(default_factory=lambda: [
+        {"name": "all-linear", "target_modules": "all-linear", "methods": "all"},
+        {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "plain"},
+    ])
+    methods: list = field(default_factory=list)
+    baseline_preset: str = "small"         # grid of benchmarks.baselines ("small" | "full")
+    # ---- table tolerances
+    nll_tolerance: float = 0.02
+    acc_tolerance: float = 0.01
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+STRUCTURES = ("diag", "kfac", "kfac_tridiag", "kfac_delta_w")
+
+
+# Strengths are *relative* (``relative_strengths``): ``rel * lam_ratio1``, where ``lam_ratio1`` is the
+# strength at which plain LoRA's final solution (same setting and seed) would pay a penalty equal to
+# its final task loss under that very penalty (see ``Benchmark.calibrate``). This puts L2 and every
+# curvature structure, whose scales differ by orders of magnitude, on one comparable axis.
+def _small_methods() -> list[dict]:
+    return [
+        {"method": "lora"},
+        {"method": "lora", "lr": 1e-3},   # the learning-rate control for MiLoRA's and CorDA's lr=1e-3 points
+        {"method": "l2", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "diag", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "kfac", "relative_strengths": [0.3, 3.0]},
+        {"method": "lalora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
+        {"method": "lalora", "structure": "kfac_delta_w", "relative_strengths": [3.0]},
+        {"method": "baseline", "name": "migu"},
+        {"method": "baseline", "name": "milora", "grid": [{}, {"lr": 1e-3}]},
+        {"method": "baseline", "name": "corda_kpm", "grid": [{}, {"lr": 1e-3}, {"lr": 2.5e-4}]},
+        {"method": "baseline", "name": "intruders"},
+        {"method": "baseline", "name": "osf", "grid": [{"trainable_rank": None}]},
+        {"method": "lalora_on_init", "init": "milora", "structure": "kfac_tridiag", "relative_strengths": [3.0]},
+    ]
+
+
+def _small_settings() -> list[dict]:
+    """all-linear: every method; q,v (where plain LoRA learns the target best at this budget): the
+    penalties, the two cheapest baselines and intruder reduction."""
+    return [{"name": "all-linear", "target_modules": "all-linear", "methods": "all"},
+            {"name": "qv", "target_modules": ["q_proj", "v_proj"],
+             "methods": ["L2", "LaLoRA-diag", "LaLoRA-kfac", "LaLoRA-kfac_delta_w", "migu", "osf", "intruders"]}]
+
+
+def _full_methods() -> list[dict]:
+    rel = [0.1, 0.3, 1.0, 3.0, 10.0]
+    return [
+        {"method": "lora"},
+        {"method": "l2", "relative_strengths": rel},
+        *({"method": "lalora", "structure": s, "relative_strengths": rel} for s in STRUCTURES),
+        *({"method": "baseline", "name": n} for n in ("migu", "milora", "corda_kpm", "intruders", "osf")),
+        *({"method": "lalora_on_init", "init": init, "structure": s, "relative_strengths": [0.3, 1.0, 3.0]}
+          for init in ("milora", "corda_kpm") for s in ("kfac", "kfac_tridiag")),
+    ]
+
+
+# Training budget of the CPU presets (small and the ablations): plain LoRA must visibly forget.
+SMALL_TRAINING = dict(n_train=80, train_batch_size=2, steps=40, lr=4e-3)
+
+
+def _preset(name: str) -> Config:
+    """The named preset (see ``--list-presets``)."""
+    if name == "small":  # CPU: ~20 trainings of 40 steps x 2 sequences; split over 2 cores, see docs
+        return Config(preset="small", methods=_small_methods(), settings=_small_settings(), **SMALL_TRAINING,
+                      generate="plain", n_generate=16, max_new_tokens=160)
+    if name == "full":
+        return Config(preset="full", seeds=(0, 1, 2), plain_seeds=(0, 1, 2), n_train=256, n_target_eval=100,
+                      n_mcq=200, n_mcq_proxy=100, n_source_eval=100, steps=200, max_new_tokens=256,
+                      methods=_full_methods(), baseline_preset="full",
+                      settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "all"},
+                                {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "all"}])
+    if name == "tiny":  # tests: tiny random Llama, char tokenizer, a few items, 2 steps
+        return Config(preset="tiny", model="tiny", seeds=(0,), plain_seeds=(0,), target_task="basic_arithmetic",
+                      n_train=4, train_batch_size=2, train_seq_len=96, n_target_eval=2, target_eval_seq_len=96,
+                      generate="all", max_new_tokens=4, gen_batch_size=2, n_mcq=3, n_mcq_proxy=2, n_source_eval=2,
+                      source_seq_len=48, eval_batch_size=8, proxy_batches=1, proxy_batch_size=2, proxy_seq_len=32,
+                      r=2, alpha=4, steps=2, lr=1e-2,
+                      settings=[{"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "all"}],
+                      methods=[{"method": "lora"}, {"method": "l2", "strengths": [1.0]},
+                               {"method": "lalora", "structure": "kfac", "strengths": [10.0]}])
+    if name == "evidence":  # plain LoRA only, both target sets, 3 seeds: is forgetting visible?
+        return Config(preset=name, seeds=(), plain_seeds=(0, 1, 2), generate="plain", methods=[{"method": "lora"}],
+                      settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "plain"},
+                                {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "plain"}])
+    # ---- ablations (the paper's): LaLoRA-kfac (+ plain LoRA as the reference) on all-linear
+    base = dict(seeds=(0, 1), plain_seeds=(0, 1), generate="none", **SMALL_TRAINING,
+                settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "all"}])
+    lam = [0.3, 1.0, 3.0]   # relative strengths (see _small_methods)
+    if name == "ablation_proxy_batches":
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
+                                           "proxy_batches": n} for n in (1, 2, 4, 8)]
+        return Config(preset=name, methods=methods, **base)
+    if name == "ablation_proxy_text":
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
+                                           "proxy_kind": k} for k in ("wordnet", "pydoc", "mix")]
+        return Config(preset=name, methods=methods, **base)
+    if name == "ablation_rank":
+        settings = [{"name": f"all-linear-r{r}", "target_modules": "all-linear", "r": r, "alpha": 2 * r,
+                     "methods": "all"} for r in (4, 8, 16)]
+        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam}]
+        return Config(preset=name, methods=methods, **{**base, "settings": settings})
+    if name == "ablation_length":
+        steps = SMALL_TRAINING["steps"]
+        settings = [{"name": f"all-linear-{s}steps", "target_modules": "all-linear", "steps": s, "methods": "all"}
+                    for s in (steps, 4 * steps)]
+        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam},
+                   {"method": "l2", "relative_strengths": lam}]
+        return Config(preset=name, methods=methods, **{**base, "settings": settings})
+    if name == "ablation_lambda":
+        sweep = [10.0 ** k for k in range(-2, 3)]
+        methods = [{"method": "lora"}, {"method": "l2", "relative_strengths": sweep},
+                   *({"method": "lalora", "structure": s, "relative_strengths": sweep} for s in STRUCTURES)]
+        return Config(preset=name, methods=methods, **base)
+    raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
+
+
+PRESET_NAMES = ("small", "full", "tiny", "evidence", "ablation_proxy_batches", "ablation_proxy_text", "ablation_rank",
+                "ablation_length", "ablation_lambda")
+
+
+PRESETS = PresetTable("forgetting", {name: _preset(name) for name in PRESET_NAMES})
+
+
+def make_config(preset: str, seeds: int | None = None, overrides: dict | None = None) -> Config:
+    """A preset's :class:`Config`, with ``seeds`` (number of run seeds, plain LoRA at least as many)
+    and then the ``key=value`` overrides (``--set``) applied; an unknown key is an error naming it."""
+    settings = PRESETS[preset]
+    if seeds is not None:
+        settings["seeds"] = list(range(seeds))
+        settings["plain_seeds"] = list(range(max(seeds, len(settings["plain_seeds"]))))
+    apply_overrides(settings, overrides or {})
+    for key in ("seeds", "plain_seeds"):
+        settings[key] = tuple(settings[key])
+    return Config(**settings)

@@ -1,0 +1,219 @@
+"""Outputs of the forgetting benchmark from its results: ``results.json``, ``summary.md`` and the
+Pareto plots."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.forgetting.config import Config
+from benchmarks.forgetting.summary import summarize
+from benchmarks.harness import (
+    fmt,
+    markdown_table,
+    model_label,
+    plot_style,
+    save_figure,
+    write_json,
+)
+from benchmarks.harness.report import provenance_markdown
+
+
+def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provenance: list[dict], notes: list,
+                  data: dict, timing: dict, base: dict, curvature: dict, calibration: dict, runs: list[dict],
+                  extra: dict | None = None) -> dict:
+    """Summarize ``runs`` and write ``results.json`` (and, if ``final``, ``summary.md`` and the plots).
+    ``provenance``: one record per part (process) that produced ``runs``."""
+    summary = summarize(runs, base, cfg)
+    payload = {
+        "benchmark": "forgetting", "preset": cfg.preset, "complete": final,
+        "model": model_label(cfg.model),
+        "machine": machine, "provenance": provenance, "config": cfg.to_dict(), "config_digest": cfg.digest(),
+        "notes": notes, "data": data, "timing": timing, "base": base,
+        "curvature": curvature, "calibration": calibration, **(extra or {}),
+        "forgetting_evidence": summary["evidence"], "points": summary["points"], "tables": summary["tables"],
+        "runs": runs,
+    }
+    write_json(out / "results.json", payload)
+    if final:
+        figs = plot_pareto(summary, base, cfg, out, footnote=_footnote(payload))
+        payload["figures"] = [str(p.name) for p in figs]
+        (out / "summary.md").write_text(render_markdown(payload, summary))
+        write_json(out / "results.json", payload)
+    return payload
+
+
+def brief(m: dict) -> str:
+    em = m.get("tgt_em")
+    return (f"tgt_nll={m['tgt_nll']:.3f} tgt_em={'-' if em is None else f'{em:.3f}'} "
+            f"src_text_nll={m['src_text_nll']:.3f} src_mcq_nll={m['src_mcq_nll']:.3f} "
+            f"src_mcq_acc={m['src_mcq_acc']:.3f} proxy_nll={m['proxy_text_nll']:.3f}")
+
+
+def _footnote(payload: dict) -> str:
+    m = payload["machine"]
+    return (f"{payload['model']}; preset {payload['preset']}; {m['device_name']} ({m['device']}); "
+            f"torch {m['versions'].get('torch')}, peft {m['versions'].get('peft')}")
+
+
+def _family_style(families: list[str]) -> dict:
+    from benchmarks.harness import COLORS
+
+    markers = "osD^v<>pPX*hd"
+    if len(families) <= len(COLORS):
+        colors = list(COLORS)
+    else:  # more families than the house palette: tab20 keeps every curve distinguishable
+        import matplotlib
+
+        cmap = matplotlib.colormaps["tab20"]
+        colors = [cmap(i % 20) for i in range(len(families))]
+    return {f: (colors[i % len(colors)], markers[i % len(markers)]) for i, f in enumerate(families)}
+
+
+def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str | None = None) -> list[Path]:
+    """``pareto_nll.png`` (target NLL vs held-out source text NLL and MCQ NLL) and ``pareto_acc.png``
+    (target exact match vs MCQ accuracy), one curve per method family across its grid, base as a star.
+    Settings other than the first get a ``_<setting>`` suffix."""
+    plt = plot_style()
+    figures = []
+    for i, setting in enumerate(cfg.settings):
+        pts = [p for p in summary["points"] if p["setting"] == setting["name"]]
+        if not pts:
+            continue
+        suffix = "" if i == 0 else f"_{setting['name']}"
+        families = list(dict.fromkeys(p["family"] for p in pts))
+        style = _family_style(families)
+        panels = {
+            "nll": [("tgt_nll", "src_text_nll", "target NLL (held-out gsm templates) ↓",
+                     "held-out source text NLL ↓"),
+                    ("tgt_nll", "src_mcq_nll", "target NLL ↓", "WordNet MCQ: NLL of correct word ↓")],
+            "acc": [("tgt_em", "src_mcq_acc", "target exact match ↑", "WordNet MCQ accuracy ↑"),
+                    ("tgt_nll", "src_mcq_acc", "target NLL ↓", "WordNet MCQ accuracy ↑")],
+        }
+        for kind, axes_spec in panels.items():
+            if kind == "acc" and base.get("tgt_em") is None and all(p.get("tgt_em") is None for p in pts):
+                axes_spec = axes_spec[1:]
+            fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.2 * len(axes_spec), 4.6), squeeze=False)
+            for ax, (xk, yk, xl, yl) in zip(axes[0], axes_spec):
+                off = [p for p in pts if _off_scale(p, base, (xk, yk))]
+                for family in families:
+                    fam = [p for p in pts if p["family"] == family and p.get(xk) is not None and p.get(yk) is not None
+                           and p not in off]
+                    if not fam:
+                        continue
+                    fam.sort(key=lambda p: (p.get("relative") is None and p["strength"] is None,
+                                            p.get("relative") or p["strength"] or 0, p["point"]))
+                    color, marker = style[family]
+                    xs, ys = [p[xk] for p in fam], [p[yk] for p in fam]
+                    xe = [p.get(xk + "_sd") or 0 for p in fam]
+                    ye = [p.get(yk + "_sd") or 0 for p in fam]
+                    big = family == "LoRA"
+                    ax.errorbar(xs, ys, xerr=xe, yerr=ye, color=color, marker=marker, ms=9 if big else 5,
+                                lw=1.2, capsize=2, label=family, zorder=4 if big else 3,
+                                ls="-" if len(fam) > 1 else "none")
+                if base.get(xk) is not None and base.get(yk) is not None:
+                    ax.scatter([base[xk]], [base[yk]], marker="*", s=220, color="black", zorder=5, label="base model")
+                ax.set_xlabel(xl)
+                ax.set_ylabel(yl)
+                if off:  # diverged runs would squash every other point into a corner: listed instead
+                    ax.text(0.01, 0.01, "off scale (diverged): " + "; ".join(
+                        f"{p['family']} {p['point']} ({xk} {p[xk]:.2f}, {yk} {p[yk]:.2f})" for p in off),
+                        transform=ax.transAxes, fontsize=6, va="bottom", ha="left", color="0.3")
+            axes[0][0].legend(loc="best", ncol=2, fontsize=7)
+            fig.suptitle(f"Learning vs forgetting — {setting['name']} LoRA, preset {cfg.preset} "
+                         f"(seed means; bars = sd over seeds)", fontsize=10)
+            fig.tight_layout()
+            figures.append(save_figure(fig, out / f"pareto_{kind}{suffix}.png", footnote=footnote))
+    return figures
+
+
+def _off_scale(point: dict, base: dict, keys: tuple, factor: float = 1.5) -> bool:
+    """An NLL more than ``factor`` times the base model's (a diverged run)."""
+    return any("nll" in k and point.get(k) is not None and base.get(k) and point[k] > factor * base[k]
+               for k in keys)
+
+
+def _pm(mean, sd, digits=3) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:+.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:+.{digits}f}"
+
+
+def render_markdown(payload: dict, summary: dict) -> str:
+    cfg = payload["config"]
+    base = payload["base"]
+    lines = [f"# Forgetting benchmark — preset `{payload['preset']}`", "",
+             f"Model: **{payload['model']}**. Device: {payload['machine']['device_name']} "
+             f"({payload['machine']['device']}), torch {payload['machine']['versions'].get('torch')}, "
+             f"transformers {payload['machine']['versions'].get('transformers')}, "
+             f"peft {payload['machine']['versions'].get('peft')}. "
+             f"Total wall time {payload['timing'].get('total_s', 0) / 60:.1f} min.", ""]
+    if payload["notes"]:
+        lines += ["Notes: " + "; ".join(payload["notes"]), ""]
+    lines += ["## Forgetting evidence (plain LoRA − base; mean ± sd over seeds)", ""]
+    rows = []
+    for setting, ev in payload["forgetting_evidence"].items():
+        for k in ("src_text_nll", "src_text_nll_wordnet", "src_text_nll_pydoc", "src_mcq_nll", "src_mcq_acc",
+                  "proxy_text_nll", "proxy_mcq_nll", "proxy_mcq_acc", "tgt_nll", "tgt_em"):
+            if k in ev:
+                rows.append([setting, k, ev[k]["base"], ev[k]["plain_mean"], _pm(ev[k]["delta_mean"], ev[k]["delta_sd"]),
+                             str(ev["n_seeds"])])
+    lines.append(markdown_table(["setting", "metric", "base", "plain LoRA", "Δ (plain − base)", "seeds"], rows))
+    titles = {"nll": ("Best held-out source text NLL at target NLL ≤ plain LoRA + "
+                      f"{cfg['nll_tolerance']}", "src text NLL"),
+              "mcq_nll": (f"Best MCQ NLL(correct) at target NLL ≤ plain LoRA + {cfg['nll_tolerance']}", "MCQ NLL"),
+              "acc": (f"Best MCQ accuracy at target exact match ≥ plain LoRA − {cfg['acc_tolerance'] * 100:g} pp",
+                      "MCQ acc")}
+    for setting, tables in payload["tables"].items():
+        for key, rows_t in tables.items():
+            if len(rows_t) < 2:  # e.g. exact match measured for plain LoRA only: nothing to compare
+                continue
+            title, src_name = titles[key]
+            tgt_name = "target EM" if key == "acc" else "target NLL"
+            lines += ["", f"## {title} — `{setting}`", "",
+                      f"Base: {tgt_name} {fmt(base.get('tgt_em' if key == 'acc' else 'tgt_nll'))}, "
+                      f"{src_name} {fmt(base.get({'nll': 'src_text_nll', 'mcq_nll': 'src_mcq_nll', 'acc': 'src_mcq_acc'}[key]))}. "
+                      "`recovered` = share of plain LoRA's forgetting undone on that source metric. "
+                      "Rows marked `no` had no grid point within the tolerance (the point with the best target "
+                      "score is shown instead).", ""]
+            trs = []
+            for r in rows_t:
+                trs.append([r["family"], r["point"], r["init"] or "-", "yes" if r["within_tolerance"] else "no",
+                            _pmv(r["target"], r["target_sd"]), _pmv(r["source"], r["source_sd"]),
+                            "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%",
+                            r["src_text_nll"], r["src_mcq_nll"], r["src_mcq_acc"], r["proxy_text_nll"],
+                            r["tgt_em"], r["penalty_task_ratio_last"], str(r["seeds"])])
+            lines.append(markdown_table(
+                ["method", "point", "init", "within tol", tgt_name, src_name, "recovered", "src text NLL",
+                 "MCQ NLL", "MCQ acc", "in-proxy text NLL", "target EM", "pen/task (end)", "seeds"], trs))
+    lines += ["", "## All grid points (seed means)", ""]
+    prow = []
+    for p in payload["points"]:
+        prow.append([p["setting"], p["family"], p["point"], p["init"] or "-", p["tgt_nll"], p["tgt_em"], p["src_text_nll"],
+                     p["src_mcq_nll"], p["src_mcq_acc"], p["proxy_text_nll"], p["proxy_mcq_nll"], p["proxy_mcq_acc"],
+                     p["penalty_task_ratio_last"], str(len(p["seeds"]))])
+    prow.insert(0, ["-", "base model", "-", "-", base["tgt_nll"], base.get("tgt_em"), base["src_text_nll"],
+                    base["src_mcq_nll"], base["src_mcq_acc"], base["proxy_text_nll"], base["proxy_mcq_nll"],
+                    base["proxy_mcq_acc"], None, "-"])
+    lines.append(markdown_table(["setting", "method", "point", "init", "tgt NLL", "tgt EM", "src text NLL",
+                                 "src MCQ NLL", "src MCQ acc", "in-proxy text NLL", "in-proxy MCQ NLL",
+                                 "in-proxy MCQ acc", "pen/task (end)", "seeds"], prow))
+    if payload.get("calibration"):
+        lines += ["", "## Lambda calibration (at plain LoRA's final weights)", "",
+                  "`q = d^T P d` of plain LoRA's displacement from its init under each curvature; `lam_ratio1 = "
+                  "2 * task_loss / q` is the strength at which that solution's penalty equals its final task loss.", ""]
+        crow = []
+        for key, cal in payload["calibration"].items():
+            for s, v in cal.items():
+                if isinstance(v, dict):
+                    crow.append([key, s, v["q"], v["lam_ratio1"]])
+        lines.append(markdown_table(["run", "penalty", "q", "lam_ratio1"], crow))
+    for fig in payload.get("figures", []):
+        lines += ["", f"![{fig}]({fig})"]
+    lines += ["", provenance_markdown(payload.get("provenance"))]
+    return "\n".join(lines) + "\n"
+
+
+def _pmv(mean, sd) -> str:
+    if mean is None:
+        return "-"
+    return f"{fmt(mean)} ± {fmt(sd)}" if sd is not None else fmt(mean)
