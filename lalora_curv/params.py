@@ -357,7 +357,7 @@ class LoRAParams:
             t = tensors[name]
             if t.shape != shape:
                 raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            parts.append(t.reshape(-1))
+            parts.append(full_tensor(t).reshape(-1))  # e.g. an FSDP2 state_dict's DTensors: full values
         return torch.cat(parts)
 
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:

@@ -98,6 +98,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
             value = pen()
             value.backward()
             results["penalty", name] = (value.detach(), [_full(p.grad) for p in lora.params])
+        # an anchor read from the sharded model's state_dict (DTensors) gives the same penalty
+        sharded_anchor = {k: v for k, v in model.state_dict().items() if k in lora.names}
+        assert all(type(v).__name__ == "DTensor" for v in sharded_anchor.values())
+        results["penalty_from_state_dict"] = lc.L2Penalty(anchor=sharded_anchor, strength=1.0, lora=lora).anchor_flat
         # one FSDP training step: task loss (its gradients reduce-scattered, averaged) + penalty
         for p in lora.params:
             p.grad = None
@@ -211,3 +215,8 @@ def test_fsdp_fit_with_zero_B_equals_single_process(fsdp_results):
 
 def test_fsdp_token_terms_are_refused_by_name(fsdp_results):
     assert fsdp_results["token_error"] is not None and "terms='sequence'" in fsdp_results["token_error"]
+
+
+def test_fsdp_anchor_from_the_sharded_state_dict_is_the_full_anchor(fsdp_results):
+    lora = lc.LoRAParams.from_model(make_tiny_lm())
+    torch.testing.assert_close(fsdp_results["penalty_from_state_dict"], lora.flatten().detach(), rtol=0, atol=0)
