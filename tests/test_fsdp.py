@@ -135,10 +135,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    # fork where possible: the workers inherit the imported transformers/peft (spawned workers
-    # import them again, ~40 s on a loaded 2-core machine)
-    make_tiny_lm()
-    method = "fork" if "fork" in mp.get_all_start_methods() else "spawn"
+    # forkserver where possible: its server imports transformers/peft once and forks the workers
+    # from a process that never ran a kernel (spawned workers import them each, ~40 s on a loaded
+    # 2-core machine; plain fork of this process can abort a child: "Invalid thread pool!")
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    if method == "forkserver":
+        import multiprocessing
+
+        multiprocessing.set_forkserver_preload(["tests.test_fsdp", "peft", "transformers.models.llama.modeling_llama"])
     mp.start_processes(_worker, args=(WORLD, _free_port(), str(out)), nprocs=WORLD, join=True, start_method=method)
     return torch.load(out / "fsdp.pt", weights_only=False)
 
