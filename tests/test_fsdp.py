@@ -81,7 +81,14 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
     torch.set_num_threads(1)
     try:
         results = {}
-        model = _shard(make_tiny_lm())
+        model = make_tiny_lm()
+        before = lc.LoRAParams.from_model(model)  # fully_shard replaces the parameters: stale after it
+        model = _shard(model)
+        try:
+            lc.fit_curvature(model, _batches()[rank::world], structure="diag", lora=before, progress=False)
+            results["stale_error"] = None
+        except lc.LoRADiscoveryError as error:
+            results["stale_error"] = str(error)
         lora = lc.LoRAParams.from_model(model)  # after fully_shard: the DTensor parameters
         results["signature"] = lora.signature()
         shard = _batches()[rank::world]
@@ -224,3 +231,7 @@ def test_fsdp_token_terms_are_refused_by_name(fsdp_results):
 def test_fsdp_anchor_from_the_sharded_state_dict_is_the_full_anchor(fsdp_results):
     lora = lc.LoRAParams.from_model(make_tiny_lm())
     torch.testing.assert_close(fsdp_results["penalty_from_state_dict"], lora.flatten().detach(), rtol=0, atol=0)
+
+
+def test_fsdp_registry_built_before_sharding_is_refused_by_name(fsdp_results):
+    assert fsdp_results["stale_error"] is not None and "stale LoRA registry" in fsdp_results["stale_error"]
