@@ -24,6 +24,23 @@ from torch import Tensor, nn
 __all__ = ["LoRALayer", "LoRAParams", "LoRADiscoveryError"]
 
 
+def is_sharded(t: Tensor) -> bool:
+    """True for a ``torch.distributed`` ``DTensor`` (FSDP2 ``fully_shard`` turns every parameter it
+    manages into one: each rank holds a shard, ``shape`` is the full shape)."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def full_tensor(t: Tensor) -> Tensor:
+    """The full value of ``t`` as a plain tensor: a ``DTensor`` is gathered from all ranks
+    (``DTensor.full_tensor()``, a collective: every rank must call it; differentiable, its backward
+    hands each rank the gradient of its own shard), any other tensor is returned as is."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
 class LoRADiscoveryError(ValueError):
     """The model has no usable LoRA layers for the requested adapter, or unsupported ones."""
 
@@ -109,8 +126,8 @@ class LoRALayer:
 
     def delta_w(self, A: Tensor | None = None, B: Tensor | None = None) -> Tensor:
         """``scaling * B @ A``, shape ``(d_out, d_in)``; current values unless ``A``/``B`` given."""
-        A = self.A if A is None else A
-        B = self.B if B is None else B
+        A = full_tensor(self.A) if A is None else A  # FSDP2: the full matrices, not this rank's shards
+        B = full_tensor(self.B) if B is None else B
         return self.scaling * (B @ A)
 
 
@@ -145,6 +162,17 @@ def _untracked_trainable(model: nn.Module, tracked: set[int]) -> list[str]:
             seen.add(id(p))
             names.append(name)
     return names
+
+
+def _same_parameter(registered: Tensor, tracked: Tensor) -> bool:
+    """``registered`` (on the module now) is the registry's parameter ``tracked``. Under FSDP2 the
+    registry holds the sharded DTensor, and between a forward and its backward FSDP2 may leave its
+    unsharded full-size plain tensor on the module instead (always for the root module's parameters,
+    which are not resharded after the forward): accepted when its shape is the full shape (FSDP2
+    offers no public way to map the two)."""
+    if registered is tracked:
+        return True
+    return is_sharded(tracked) and not is_sharded(registered) and registered.shape == tracked.shape
 
 
 class LoRAParams:
@@ -319,7 +347,8 @@ class LoRAParams:
         parameter values (differentiable w.r.t. them).
         """
         if tensors is None:
-            return torch.cat([p.reshape(-1) for p in self.params])
+            # FSDP2 shards the parameters (DTensors): gather each to its full value (differentiable)
+            return torch.cat([full_tensor(p).reshape(-1) for p in self.params])
         missing = [n for n in self.names if n not in tensors]
         if missing:
             raise KeyError(f"missing LoRA tensors: {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -328,7 +357,7 @@ class LoRAParams:
             t = tensors[name]
             if t.shape != shape:
                 raise ValueError(f"tensor {name!r} has shape {tuple(t.shape)}, expected {tuple(shape)}")
-            parts.append(t.reshape(-1))
+            parts.append(full_tensor(t).reshape(-1))  # e.g. an FSDP2 state_dict's DTensors: full values
         return torch.cat(parts)
 
     def unflatten(self, vec: Tensor) -> dict[str, Tensor]:
@@ -349,8 +378,8 @@ class LoRAParams:
         for layer in self.layers:
             lora_A, lora_B = getattr(layer.module, "lora_A", {}), getattr(layer.module, "lora_B", {})
             name = layer.adapter_name
-            if name not in lora_A or name not in lora_B or lora_A[name].weight is not layer.A \
-                    or lora_B[name].weight is not layer.B:
+            if name not in lora_A or name not in lora_B or not _same_parameter(lora_A[name].weight, layer.A) \
+                    or not _same_parameter(lora_B[name].weight, layer.B):
                 raise LoRADiscoveryError(
                     f"stale LoRA registry: LoRA layer {layer.name} changed since the registry was built (adapter "
                     "deleted, re-created or replaced): rebuild LoRAParams.from_model(model) and refit or reload the "
@@ -367,7 +396,7 @@ class LoRAParams:
 
     def snapshot(self) -> dict[str, Tensor]:
         """Detached clones of the current LoRA weights (the anchor ``theta0``)."""
-        return {name: p.detach().clone() for name, p in zip(self.names, self.params)}
+        return {name: full_tensor(p.detach()).clone() for name, p in zip(self.names, self.params)}
 
     def as_flat(self, value: Tensor | Mapping[str, Tensor]) -> Tensor:
         """Accept a flat vector or a dict ``name -> tensor`` and return the flat vector."""

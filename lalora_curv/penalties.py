@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .curvature.base import CurvatureOperator
 from .curvature.io import validate_signature
-from .params import LoRAParams
+from .params import LoRAParams, full_tensor
 
 __all__ = ["LaplacePenalty", "L2Penalty"]
 
@@ -169,8 +169,9 @@ class LaplacePenalty(_AnchoredPenalty):
         dtype = self.anchor_flat.dtype
         factors = []
         for layer, (A0, B0), s0 in zip(self.lora.layers, anchor, self.anchor_scaling):
-            L = torch.cat([layer.scaling * layer.B.to(dtype), -s0 * B0], dim=1)
-            R = torch.cat([layer.A.to(dtype), A0], dim=0).T
+            # full_tensor: under FSDP2 A and B are sharded DTensors; the quadratic needs the full matrices
+            L = torch.cat([layer.scaling * full_tensor(layer.B).to(dtype), -s0 * B0], dim=1)
+            R = torch.cat([full_tensor(layer.A).to(dtype), A0], dim=0).T
             factors.append((L, R))
         return factors
 

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..curvature.statistics import GradientRows, KroneckerBatch, KroneckerCall
 from ..losses import Terms, backward_vectors, forward_terms
+from ..params import is_sharded
 
 __all__ = ["LoRAHookRecorder", "HooksBackend", "per_term_rows"]
 
@@ -131,7 +132,15 @@ class HooksBackend:
         self.lora, self.statistics, self.kind, self.terms = lora, statistics, kind, terms
         self.mc_samples, self.generator, self.dtype = mc_samples, generator, dtype
         self._recorder = LoRAHookRecorder(lora)
-        self._use_backward = False  # set once reentrant checkpointing refuses torch.autograd.grad
+        # FSDP2 (sharded DTensor parameters) computes with unsharded copies, so torch.autograd.grad
+        # w.r.t. lora.params reaches nothing: run .backward() from the start (the hooks record the
+        # output gradients either way; FSDP2 reduce-scatters into .grad, which is restored after).
+        sharded = any(is_sharded(p) for p in lora.params)
+        if sharded and statistics == "gradients" and terms == "token":
+            raise ValueError("terms='token' differentiates w.r.t. the LoRA parameters themselves, which FSDP2 "
+                             "shards (DTensor parameters; the forward uses unsharded copies): use terms='sequence' "
+                             "under fully_shard")
+        self._use_backward = sharded  # also set once reentrant checkpointing refuses torch.autograd.grad
 
     def __enter__(self):
         self._recorder.__enter__()
