@@ -23,7 +23,8 @@ SETTING_LABELS = {
 }
 
 
-PRESETS = PresetTable("approx_accuracy", {    # CPU, 2 cores, about 15 minutes: the committed result. Everything is cut to the bone (one
+PRESETS = PresetTable("approx_accuracy", {
+    # CPU, 2 cores, about 15 minutes: the committed result. Everything is cut to the bone (one
     # forward+backward of SmolLM2 on 64 tokens takes seconds on this machine).
     "small": dict(
         description="CPU preset: real SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, eager attention; "
