@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from benchmarks.harness import PresetTable
+from benchmarks.harness import PresetTable, structures_taking
 
 RESULTS_DIR = Path(__file__).resolve().parents[1] / "results" / "approx_accuracy"
 
@@ -14,7 +14,8 @@ MC4 = {"kind": "mc", "mc_samples": 4}
 MC16 = {"kind": "mc", "mc_samples": 16}
 EMP = {"kind": "empirical"}
 STRUCTURES = ["diag", "kfac", "kfac_tridiag", "lowrank", "diag_lowrank"]
-GRADIENT_STRUCTURES = ("dense", "diag", "lowrank", "diag_lowrank")
+#: the structures built from per-term / per-sequence gradient vectors (those with a ``terms`` option)
+GRADIENT_STRUCTURES = structures_taking("terms")
 DIRECTION_TYPES = ["random", "target_grad", "source_grad", "finetune_disp"]
 SETTING_LABELS = {
     "b0": "B=0 (peft default init)",
@@ -22,7 +23,8 @@ SETTING_LABELS = {
 }
 
 
-PRESETS = PresetTable("approx_accuracy", {    # CPU, 2 cores, about 15 minutes: the committed result. Everything is cut to the bone (one
+PRESETS = PresetTable("approx_accuracy", {
+    # CPU, 2 cores, about 15 minutes: the committed result. Everything is cut to the bone (one
     # forward+backward of SmolLM2 on 64 tokens takes seconds on this machine).
     "small": dict(
         description="CPU preset: real SmolLM2-135M-Instruct (GGUF Q4_1 dequantized), fp32, eager attention; "

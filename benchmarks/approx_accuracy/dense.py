@@ -67,7 +67,7 @@ def exact_dense_ggn(model, lora, batches, jvp_chunk: int = 128) -> Tensor:
         mask = batch.get("attention_mask")
         mask = mask.to(W.device) if mask is not None else None
 
-        def hidden(*params):
+        def hidden(*params, ids=ids, mask=mask):  # this batch's inputs bound now, not looked up later
             out = functional_call(body, dict(zip(pnames, params)), args=(),
                                   kwargs={"input_ids": ids, "attention_mask": mask})
             return out.last_hidden_state[:, :-1]  # terms: positions 0..T-2 predict 1..T-1

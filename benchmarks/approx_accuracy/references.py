@@ -10,7 +10,6 @@ import torch
 from torch import Tensor, nn
 
 from benchmarks import harness
-from benchmarks.approx_accuracy.config import GRADIENT_STRUCTURES
 from benchmarks.approx_accuracy.inputs import (
     direction_summary,
     fit_label,
@@ -132,12 +131,13 @@ GRADIENT_GROUP = ("diag", "lowrank", "diag_lowrank")
 
 
 def _fit_options(cfg: dict, structure: str, fit: dict, terms: str | None, **extra) -> dict:
-    options = dict(rank=cfg["rank"], seed=cfg["seed"], **extra)
-    if fit["kind"] == "mc":
-        options["mc_samples"] = fit.get("mc_samples", 1)
-    if structure in GRADIENT_STRUCTURES:
-        options["terms"] = terms or ("token" if fit["kind"] == "ggn" else "sequence")
-    return options
+    """The preset's settings that ``structure`` takes, plus ``extra`` unfiltered: a variant's own
+    option (``share_inputs``, ``factor_dtype``) that the structure refuses is an error, not a silent
+    copy of the default fit."""
+    default_terms = terms or ("token" if fit["kind"] == "ggn" else "sequence")
+    options = harness.fit_options_for(structure, fit["kind"], rank=cfg["rank"], seed=cfg["seed"],
+                                      mc_samples=fit.get("mc_samples", 1), terms=default_terms)
+    return {**options, **extra}
 
 
 def fit_structures(model, lora, batches, structures, fit: dict, cfg: dict, terms: str | None = None,

@@ -56,7 +56,8 @@ def write_markdown(result: dict, path: Path, plots: dict[str, Path]) -> Path:
         lines += ["## How the exact references are computed", "",
                   "`d^T G d` for the full LoRA (and Delta-W) space comes from one Jacobian-vector product per "
                   "direction and batch (`torch.func.jvp` vmapped over directions, as curvlinops' "
-                  "`JacobianLinearOperator`; forward-mode AD through the whole model): with `z = J d` per term, `d^T GGN d = mean_m z^T (diag p - p p^T) z` and `d^T EF d = "
+                  "`JacobianLinearOperator`; forward-mode AD through the whole model): with `z = J d` per term, "
+                  "`d^T GGN d = mean_m z^T (diag p - p p^T) z` and `d^T EF d = "
                   "mean_m ((p - e_y)^T z)^2`, the same numbers as `d^T (GGNLinearOperator @ d)` / `EFLinearOperator` "
                   "without their transposed-Jacobian pass, and both from one JVP. Cross-check against the "
                   "curvlinops operators (matvecs) on a few directions:", ""]

@@ -243,8 +243,8 @@ def run_benchmark(preset: str | dict = "small", device: str | None = None, progr
     result: dict[str, Any] = {
         "benchmark": "approx_accuracy", "preset": cfg["preset"], "description": cfg["description"],
         "machine": harness.machine_info(dev), "config": cfg, "parts": parts,
-        "combos": {}, "crosscheck": [], "qf": [], "delta_w": [], "delta_w_reference": {}, "terms": [], "kfac_memory": [],
-        "stabilization": None, "dense_layer": None, "skipped": [], "timings": {}, "notes": [],
+        "combos": {}, "crosscheck": [], "qf": [], "delta_w": [], "delta_w_reference": {}, "terms": [],
+        "kfac_memory": [], "stabilization": None, "dense_layer": None, "skipped": [], "timings": {}, "notes": [],
     }
     log(f"loading model ({cfg['model']}) on {dev}", progress)
     t0 = time.perf_counter()

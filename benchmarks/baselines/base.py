@@ -91,7 +91,8 @@ def _check_lora_kwargs(lora_kwargs: dict) -> dict:
         raise TypeError(f"unknown lora_kwargs {sorted(unknown)}; known: {sorted(_LORA_KEYS)}")
     if "r" not in lora_kwargs:
         raise TypeError("lora_kwargs needs 'r'")
-    out = dict(alpha=16, target_modules=("q_proj", "v_proj"), dropout=0.0)  # lalora_curv.experiments.models.add_lora defaults
+    # lalora_curv.experiments.models.add_lora's defaults
+    out = dict(alpha=16, target_modules=("q_proj", "v_proj"), dropout=0.0)
     out.update(lora_kwargs)
     return out
 

@@ -57,7 +57,8 @@ def summary_metrics(M: dict, run: dict, smoothed: bool = False) -> dict:
         out.update({k: None for k in ("plasticity_em", "plasticity_nll", "plasticity_nll_drop", "fwt_em", "fwt_nll",
                                       "train_loss_mean", "train_loss_last", "penalty_task_ratio_last",
                                       "penalty_task_ratio_mean")})
-    out.update(src_text_nll_final=M["src_text_nll"][-1], src_text_nll_delta=M["src_text_nll"][-1] - M["src_text_nll"][0],
+    out.update(src_text_nll_final=M["src_text_nll"][-1],
+               src_text_nll_delta=M["src_text_nll"][-1] - M["src_text_nll"][0],
                src_text_nll_worst=max(M["src_text_nll"][1:]),
                mcq_acc_final=M["mcq_acc"][-1], mcq_acc_delta=M["mcq_acc"][-1] - M["mcq_acc"][0],
                mcq_nll_final=M["mcq_nll"][-1], mcq_nll_delta=M["mcq_nll"][-1] - M["mcq_nll"][0])

@@ -189,8 +189,8 @@ def render_markdown(payload: dict) -> str:
     lines += ["", "## Methods and strengths", ""]
     mrows = []
     for m, info in payload["methods"].items():
-        mrows.append([m, info["label"], info.get("structure", "-"), info.get("dynamics", "-"),
-                      info.get("gamma"), info.get("process_noise_q"), info.get("prior_precision"), info.get("strength")])
+        mrows.append([m, info["label"], info.get("structure", "-"), info.get("dynamics", "-"), info.get("gamma"),
+                      info.get("process_noise_q"), info.get("prior_precision"), info.get("strength")])
     lines.append(markdown_table(["method", "description", "structure", "dynamics", "gamma", "process noise q",
                                  "prior precision", "strength"], mrows, align=["l"] * 4 + ["r"] * 4))
     cal = payload["calibration"]
@@ -200,7 +200,8 @@ def render_markdown(payload: dict) -> str:
               f"{cfg['prior_rel']} × mean diag(C₁).", ""]
     tv = cal.get("tridiag_vs_kfac") or {}
     if tv:
-        lines += [f"kfac_tridiag vs kfac at the trained task-1 adapter (‖B‖ = {fmt(tv['lora_B_norm_at_task1_anchor'])}): "
+        lines += ["kfac_tridiag vs kfac at the trained task-1 adapter "
+                  f"(‖B‖ = {fmt(tv['lora_B_norm_at_task1_anchor'])}): "
                   + "; ".join(f"{k}: dᵀPd kfac {fmt(v['kfac'])}, tridiag {fmt(v['kfac_tridiag'])} "
                               f"(relative difference {fmt(v['relative_difference'])})"
                               for k, v in tv.items() if isinstance(v, dict)) + ".", ""]

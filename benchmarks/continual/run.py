@@ -23,7 +23,7 @@ from benchmarks.continual.config import (
 )
 from benchmarks.continual.report import write_outputs
 from benchmarks.continual.tasks import SEED_STRIDE, task_items
-from benchmarks.harness import Provenance, load_base_model, machine_info, resolve_device
+from benchmarks.harness import Provenance, fit_options_for, load_base_model, machine_info, resolve_device
 
 # ============================================================================================
 # Data
@@ -143,9 +143,9 @@ class Benchmark:
     def _fit(self, model, lora, structure: str, batches, seed: int):
         from lalora_curv import fit_curvature
 
-        opts = {"mc_samples": self.cfg.mc_samples, "seed": seed} if self.cfg.curvature_kind == "mc" else {}
-        if structure == "diag_lowrank":
-            opts["rank"] = self.cfg.rank
+        kind = self.cfg.curvature_kind
+        opts = fit_options_for(structure, kind, rank=self.cfg.rank,
+                               **({"mc_samples": self.cfg.mc_samples, "seed": seed} if kind == "mc" else {}))
         t0 = time.perf_counter()
         curv = fit_curvature(model, batches, structure=structure, kind=self.cfg.curvature_kind, lora=lora,
                              progress=False, **opts)
@@ -184,9 +184,8 @@ class Benchmark:
         spec = METHOD_SPECS[name]
         cal = self.calibration
         kw = {"dynamics": spec["dynamics"], "prior_precision": cal["prior_precision"][spec["structure"]],
-              "fit_options": {"mc_samples": self.cfg.mc_samples} if self.cfg.curvature_kind == "mc" else {}}
-        if spec["structure"] == "diag_lowrank":
-            kw["fit_options"]["rank"] = self.cfg.rank
+              "fit_options": fit_options_for(spec["structure"], self.cfg.curvature_kind, rank=self.cfg.rank,
+                                             mc_samples=self.cfg.mc_samples)}
         if spec["dynamics"] == "identity":
             kw["gamma"] = self.cfg.gamma
         else:
@@ -331,8 +330,8 @@ class Benchmark:
         runs: list[dict] = []
         self.base_eval = None
         for seed in cfg.seeds:
-            model = add_lora(copy.deepcopy(base_model), r=cfg.r, alpha=cfg.alpha, target_modules=list(cfg.target_modules),
-                             seed=seed)
+            model = add_lora(copy.deepcopy(base_model), r=cfg.r, alpha=cfg.alpha,
+                             target_modules=list(cfg.target_modules), seed=seed)
             model.to(self.device)
             lora = self.lora = LoRAParams.from_model(model)
             if self.base_eval is None:  # B = 0: the adapted model is the base model, for every seed

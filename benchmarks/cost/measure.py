@@ -209,7 +209,8 @@ def ggn_matvec(ctx, model, lora, batches, fwd_bwd) -> dict:
         except Exception as exc:
             ctx.tick(f"curvlinops GGN matvec{tag}")
             return error_record(exc)
-        return strip_result(ctx.timed(f"curvlinops GGN matvec{tag}", lambda: op @ v, reference=fwd_bwd, nb=len(batches)))
+        return strip_result(ctx.timed(f"curvlinops GGN matvec{tag}", lambda: op @ v, reference=fwd_bwd,
+                                      nb=len(batches)))
 
     res = run_once("")
     out.update(res)

@@ -19,7 +19,8 @@ def get_path(d, *keys):
 def _method_rows(m: dict) -> list[tuple[str, dict, str]]:
     """(name, entry, kind) for the bar charts: our fits, backpack diag, curvlinops, GGN matvec, laplace."""
     rows = [(f"{f['structure']}" + ("" if f["kind"] == "empirical" else f"/{f['kind']}")
-             + ("" if not f.get("variant") else " [" + ",".join(f"{v}" for v in f["variant"].values()) + "]"), f, "ours")
+             + ("" if not f.get("variant") else " [" + ",".join(f"{v}" for v in f["variant"].values()) + "]"),
+             f, "ours")
             for f in m.get("fits", [])]
     bp = get_path(m, "backpack", "diag_batchgrad")
     if bp:

@@ -131,7 +131,8 @@ def render_markdown(result: dict) -> str:
             rows = []
             for p in m["seq_sweep"]["points"]:
                 fbp = p["fwd_bwd"]
-                row = [p["seq_len"], p["tokens_per_batch"], fbp.get("per_batch_s"), fmt_bytes(fbp.get("peak_delta_bytes"))]
+                row = [p["seq_len"], p["tokens_per_batch"], fbp.get("per_batch_s"),
+                       fmt_bytes(fbp.get("peak_delta_bytes"))]
                 for s in ("diag", "kfac"):
                     f = p["fits"].get(s, {})
                     row += [f.get("per_batch_s"), f.get("paired_ratio"), fmt_bytes(f.get("peak_delta_bytes"))]

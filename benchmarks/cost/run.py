@@ -134,8 +134,8 @@ def measure_model(spec: dict, ctx: Ctx, sweeps: dict) -> dict:
     # ---- our fits
     fits, curvs = [], {}
     for structure, kind, variant in fit_plan(full, dtype):
-        opts = {"rank": cfg["lowrank_rank"]} if structure == "diag_lowrank" else {}
-        opts.update(variant)
+        # the preset's rank where the structure has one; a variant's own option is passed unfiltered
+        opts = {**harness.fit_options_for(structure, kind, rank=cfg["lowrank_rank"]), **variant}
         res = ctx.timed(f"fit {structure}/{kind}" + (f" {variant}" if variant else ""),
                         lambda s=structure, k=kind, o=opts: fit_curvature(model, batches, structure=s, kind=k,
                                                                           progress=False, lora=lora, **o),
@@ -234,13 +234,15 @@ def _seq_sweep(ctx, model, lora, vocab, spec, sweep, main: dict) -> dict:
         batches = make_batches(vocab, spec["batch"], seq, int(ctx.cfg["fit_batches"]), ctx.device, seed=seq)
         nb = len(batches)
         fwd_bwd = fwd_bwd_fn(model, batches)
-        zero = lambda: zero_grads(lora.params)  # noqa: E731
+        zero = lambda lora=lora: zero_grads(lora.params)  # noqa: E731
         fb = ctx.timed(f"seq {seq}: fwd+bwd", fwd_bwd, setup=zero, nb=nb)
         p = {"seq_len": seq, "tokens_per_batch": spec["batch"] * seq, "fwd_bwd": strip_result(fb), "fits": {}}
         for s in sweep["structures"]:
+            opts = harness.fit_options_for(s, "empirical", rank=ctx.cfg["lowrank_rank"])  # as the main fits
             res = ctx.timed(f"seq {seq}: fit {s}",
-                            lambda s=s: fit_curvature(model, batches, structure=s, kind="empirical", progress=False,
-                                                      lora=lora), reference=fwd_bwd, setup=zero, nb=nb)
+                            lambda s=s, batches=batches, opts=opts: fit_curvature(
+                                model, batches, structure=s, kind="empirical", progress=False, lora=lora, **opts),
+                            reference=fwd_bwd, setup=zero, nb=nb)
             p["fits"][s] = fit_entry(res, fb, s, "empirical")
         if sweep.get("curvlinops"):
             cl = curvlinops_kfac(ctx, model, lora, batches, fwd_bwd)
@@ -273,25 +275,28 @@ def _rank_sweep(ctx, model, spec, batches, sweep, main: dict) -> dict:
         model.eval()
         lora = LoRAParams.from_model(model)
         fwd_bwd = fwd_bwd_fn(model, batches)
-        zero = lambda: zero_grads(lora.params)  # noqa: E731
+        zero = lambda lora=lora: zero_grads(lora.params)  # noqa: E731
         fb = ctx.timed(f"rank {r}: fwd+bwd", fwd_bwd, setup=zero, nb=nb)
         opt = torch.optim.AdamW(lora.params, lr=1e-5)
         snap = snapshot(lora.params)
         st = ctx.timed(f"rank {r}: LoRA step", lora_step_fn(model, batches, opt), nb=nb)
         restore(lora.params, snap)
-        p = {"r": r, "alpha": 2 * r, "lora_numel": lora.numel, "fwd_bwd": strip_result(fb), "lora_step": strip_result(st),
-             "fits": {}}
+        p = {"r": r, "alpha": 2 * r, "lora_numel": lora.numel, "fwd_bwd": strip_result(fb),
+             "lora_step": strip_result(st), "fits": {}}
         curvs = {}
         for s in sweep["structures"]:
+            opts = harness.fit_options_for(s, "empirical", rank=cfg["lowrank_rank"])  # as the main fits
             res = ctx.timed(f"rank {r}: fit {s}",
-                            lambda s=s: fit_curvature(model, batches, structure=s, kind="empirical", progress=False,
-                                                      lora=lora), reference=fwd_bwd, setup=zero, nb=nb)
+                            lambda s=s, model=model, lora=lora, opts=opts: fit_curvature(
+                                model, batches, structure=s, kind="empirical", progress=False, lora=lora, **opts),
+                            reference=fwd_bwd, setup=zero, nb=nb)
             p["fits"][s] = fit_entry(res, fb, s, "empirical")
             if res.get("ok"):
                 curvs[s] = res["_result"]
-        p["penalty"] = penalty_overheads(ctx, model, lora, batches, opt, curvs, sweep["structures"], st.get("per_batch_s"))
+        p["penalty"] = penalty_overheads(ctx, model, lora, batches, opt, curvs, sweep["structures"],
+                                         st.get("per_batch_s"))
         points.append(p)
-        del curvs, opt, lora
+        del curvs, opt, lora, zero
         base = model.unload()
         del model
         harness.release_memory(ctx.device)

@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = benchmark_parser("python -m benchmarks.forgetting", "Learning vs forgetting: LoRA, L2, LaLoRA and the "
                               "forgetting-mitigation baselines on SmolLM2-135M.", PRESETS,
                               output_help="default: benchmarks/results/forgetting/<preset>")
-    parser.add_argument("--seeds", type=int, default=None, help="number of run seeds (plain LoRA gets at least as many)")
+    parser.add_argument("--seeds", type=int, default=None,
+                        help="number of run seeds (plain LoRA gets at least as many)")
     parser.add_argument("--only", default=None, help="comma-separated method families to keep (e.g. LoRA,L2)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs of an identical config")
     parser.add_argument("--no-progress", action="store_true")

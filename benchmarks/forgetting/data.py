@@ -107,7 +107,8 @@ def check_proxy_disjoint(data: Data, proxy_texts: list[str]) -> None:
     leaked = [t for texts in data.text_eval_texts.values() for t in texts if t in drawn]
     assert not leaked, f"{len(leaked)} held-out texts are also proxy texts"
     joined = "\n".join(drawn)
-    leaked_defs = [it["definition"] for it in data.mcq_eval if len(it["definition"]) > 25 and it["definition"] in joined]
+    leaked_defs = [it["definition"] for it in data.mcq_eval
+                   if len(it["definition"]) > 25 and it["definition"] in joined]
     assert not leaked_defs, f"eval MCQ definitions found in proxy texts: {leaked_defs[:2]}"
 
 

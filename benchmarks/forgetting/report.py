@@ -155,14 +155,15 @@ def render_markdown(payload: dict, summary: dict) -> str:
         for k in ("src_text_nll", "src_text_nll_wordnet", "src_text_nll_pydoc", "src_mcq_nll", "src_mcq_acc",
                   "proxy_text_nll", "proxy_mcq_nll", "proxy_mcq_acc", "tgt_nll", "tgt_em"):
             if k in ev:
-                rows.append([setting, k, ev[k]["base"], ev[k]["plain_mean"], _pm(ev[k]["delta_mean"], ev[k]["delta_sd"]),
-                             str(ev["n_seeds"])])
+                rows.append([setting, k, ev[k]["base"], ev[k]["plain_mean"],
+                             _pm(ev[k]["delta_mean"], ev[k]["delta_sd"]), str(ev["n_seeds"])])
     lines.append(markdown_table(["setting", "metric", "base", "plain LoRA", "Δ (plain − base)", "seeds"], rows))
     titles = {"nll": ("Best held-out source text NLL at target NLL ≤ plain LoRA + "
                       f"{cfg['nll_tolerance']}", "src text NLL"),
               "mcq_nll": (f"Best MCQ NLL(correct) at target NLL ≤ plain LoRA + {cfg['nll_tolerance']}", "MCQ NLL"),
               "acc": (f"Best MCQ accuracy at target exact match ≥ plain LoRA − {cfg['acc_tolerance'] * 100:g} pp",
                       "MCQ acc")}
+    src_metric = {"nll": "src_text_nll", "mcq_nll": "src_mcq_nll", "acc": "src_mcq_acc"}
     for setting, tables in payload["tables"].items():
         for key, rows_t in tables.items():
             if len(rows_t) < 2:  # e.g. exact match measured for plain LoRA only: nothing to compare
@@ -171,7 +172,7 @@ def render_markdown(payload: dict, summary: dict) -> str:
             tgt_name = "target EM" if key == "acc" else "target NLL"
             lines += ["", f"## {title} — `{setting}`", "",
                       f"Base: {tgt_name} {fmt(base.get('tgt_em' if key == 'acc' else 'tgt_nll'))}, "
-                      f"{src_name} {fmt(base.get({'nll': 'src_text_nll', 'mcq_nll': 'src_mcq_nll', 'acc': 'src_mcq_acc'}[key]))}. "
+                      f"{src_name} {fmt(base.get(src_metric[key]))}. "
                       "`recovered` = share of plain LoRA's forgetting undone on that source metric. "
                       "Rows marked `no` had no grid point within the tolerance (the point with the best target "
                       "score is shown instead).", ""]
@@ -188,9 +189,9 @@ def render_markdown(payload: dict, summary: dict) -> str:
     lines += ["", "## All grid points (seed means)", ""]
     prow = []
     for p in payload["points"]:
-        prow.append([p["setting"], p["family"], p["point"], p["init"] or "-", p["tgt_nll"], p["tgt_em"], p["src_text_nll"],
-                     p["src_mcq_nll"], p["src_mcq_acc"], p["proxy_text_nll"], p["proxy_mcq_nll"], p["proxy_mcq_acc"],
-                     p["penalty_task_ratio_last"], str(len(p["seeds"]))])
+        prow.append([p["setting"], p["family"], p["point"], p["init"] or "-", p["tgt_nll"], p["tgt_em"],
+                     p["src_text_nll"], p["src_mcq_nll"], p["src_mcq_acc"], p["proxy_text_nll"], p["proxy_mcq_nll"],
+                     p["proxy_mcq_acc"], p["penalty_task_ratio_last"], str(len(p["seeds"]))])
     prow.insert(0, ["-", "base model", "-", "-", base["tgt_nll"], base.get("tgt_em"), base["src_text_nll"],
                     base["src_mcq_nll"], base["src_mcq_acc"], base["proxy_text_nll"], base["proxy_mcq_nll"],
                     base["proxy_mcq_acc"], None, "-"])

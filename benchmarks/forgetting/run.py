@@ -20,6 +20,7 @@ from benchmarks.forgetting.report import brief, write_outputs
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
 from benchmarks.harness import (
     Provenance,
+    fit_options_for,
     fmt,
     legacy_provenance,
     load_base_model,
@@ -118,8 +119,9 @@ class Benchmark:
         key = (run["setting"], run["seed"], structure, proxy_key)
         if key not in self.curv_cache:
             t0 = time.perf_counter()
-            curv = fit_curvature(model, proxy, structure=structure, kind=self.cfg.curvature_kind,
-                                 progress=False, mc_samples=self.cfg.mc_samples, seed=run["seed"])
+            kind = self.cfg.curvature_kind
+            curv = fit_curvature(model, proxy, structure=structure, kind=kind, progress=False,
+                                 **fit_options_for(structure, kind, mc_samples=self.cfg.mc_samples, seed=run["seed"]))
             seconds = time.perf_counter() - t0
             diag = curv.diagonal().float()
             self.curv_cache[key] = curv
@@ -197,8 +199,9 @@ class Benchmark:
         elif run["method"] == "lalora_on_init":
             _, proxy = proxy_for(cfg, data, tokenizer, {})
             tf = time.perf_counter()
-            penalty = self.lalora_on_init(prepared, proxy, spec["structure"], run["strength"],
-                                          kind=cfg.curvature_kind, mc_samples=cfg.mc_samples, seed=seed)
+            penalty = self.lalora_on_init(prepared, proxy, spec["structure"], run["strength"], kind=cfg.curvature_kind,
+                                          **fit_options_for(spec["structure"], cfg.curvature_kind,
+                                                            mc_samples=cfg.mc_samples, seed=seed))
             prior = prior_precision_for(penalty.curv, cfg.prior_rel)
             penalty.prior_precision = prior
             info.update(prior_precision=prior, prior_rel=cfg.prior_rel, curvature_fit_seconds=time.perf_counter() - tf,

@@ -7,10 +7,12 @@ merging of parts, and the shared table/plot helpers.
 * :mod:`.timing` - :func:`measure` (median and spread of repeats, peak memory);
 * :mod:`.provenance` - :class:`Provenance` (commit, clean/dirty, versions, device, command, times);
 * :mod:`.results` - JSON writing, :func:`load_result` (old files too), :func:`merge_parts`;
-* :mod:`.machine` - machine facts; :mod:`.report` - markdown tables and plots.
+* :mod:`.machine` - machine facts; :mod:`.report` - markdown tables and plots;
+* :mod:`.fitting` - the ``fit_curvature`` options each structure takes (from the registry).
 """
 
 from benchmarks.harness.cli import benchmark_parser, print_presets, settings_from_args
+from benchmarks.harness.fitting import fit_options_for, structures_taking
 from benchmarks.harness.machine import (
                                         machine_info,
                                         package_versions,
@@ -50,4 +52,5 @@ __all__ = [
     "apply_overrides", "parse_overrides", "Provenance", "legacy_provenance", "COLORS", "annotate_bars", "fmt",
     "fmt_bytes", "markdown_table", "plot_style", "save_figure", "check_mergeable", "load_result", "merge_parts",
     "provenance_of", "to_jsonable", "write_json", "PeakMemory", "Timing", "measure", "release_memory", "sync",
+    "fit_options_for", "structures_taking",
 ]

@@ -57,7 +57,8 @@ def load_result(path: str | Path, *, name: str | None = None) -> dict:
         if name is None:
             candidates = sorted(path.glob("*.json"))
             if len(candidates) != 1:
-                raise FileNotFoundError(f"{path}: expected exactly one result JSON, found {[c.name for c in candidates]}")
+                names = [c.name for c in candidates]
+                raise FileNotFoundError(f"{path}: expected exactly one result JSON, found {names}")
             path = candidates[0]
         else:
             path = path / name

@@ -254,7 +254,7 @@ def test_intruder_reduction_runs_through_peft_and_changes_adapter():
             r = LORA["r"]
             expected = s * Ud[:, :r] @ torch.diag(Sd[:r]) @ Vd[:r]
             torch.testing.assert_close(dW1, expected, atol=1e-4, rtol=1e-4)
-    for name, (dW0, dW1) in deltas[1.0].items():  # lambda = 1 keeps the adapter (rank-r truncation is exact)
+    for _name, (dW0, dW1) in deltas[1.0].items():  # lambda = 1 keeps the adapter (rank-r truncation is exact)
         torch.testing.assert_close(dW1, dW0, atol=1e-4, rtol=1e-4)
     assert any((dW1 - dW0).abs().max() > 1e-2 for dW0, dW1 in deltas[0.25].values())
 

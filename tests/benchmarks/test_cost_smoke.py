@@ -105,8 +105,8 @@ def test_json_keys(smoke):
 def test_markdown_sections(smoke):
     _, paths = smoke
     md = paths["md"].read_text()
-    for text in ("# Cost benchmark", "| method |", "curvlinops KFAC", "laplace-torch", "BackPACK", "Penalty per LoRA step",
-                 "Sequence-length sweep", "LoRA-rank sweep", "## Width", "## Targets"):
+    for text in ("# Cost benchmark", "| method |", "curvlinops KFAC", "laplace-torch", "BackPACK",
+                 "Penalty per LoRA step", "Sequence-length sweep", "LoRA-rank sweep", "## Width", "## Targets"):
         assert text in md, text
 
 

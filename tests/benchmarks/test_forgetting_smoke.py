@@ -212,3 +212,17 @@ def test_non_lora_baseline_trains_through_finetune(tmp_path):
     assert run["info"]["lora"] is False
     h = run["history"]
     assert h["steps"] == 2 and all(x > 0 for x in h["task_loss"]) and h["penalty_max"] == 0.0
+
+
+def test_empirical_curvature_kind_fits(tmp_path):
+    """``curvature_kind="empirical"`` fits LaLoRA's curvature (plain and on MiLoRA's init) without
+    ``mc_samples``, which ``fit_curvature`` refuses outside kind="mc"."""
+    methods = [{"method": "lora"}, {"method": "lalora", "structure": "diag", "strengths": [1.0]}]
+    if forgetting.try_baselines() is not None:
+        methods.append({"method": "lalora_on_init", "init": "milora", "structure": "kfac", "strengths": [1.0]})
+    cfg = forgetting.make_config("tiny", overrides={"curvature_kind": "empirical", "methods": methods})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    laplace = [r for r in payload["runs"] if r["method"] in ("lalora", "lalora_on_init")]
+    assert len(laplace) == len(methods) - 1
+    assert all(r["info"]["curvature_kind"] == "empirical" for r in laplace if r["method"] == "lalora")
+    assert all(info["kind"] == "empirical" for info in payload["curvature"].values())

@@ -148,3 +148,37 @@ def test_optional_settings_may_be_set_though_a_preset_omits_them():
     assert table.resolve("small", {"collect": False}) == {"steps": 4, "collect": False}
     with pytest.raises(KeyError, match=r"valid keys: \['collect', 'steps'\]"):
         table.resolve("small", {"colect": False})
+
+
+def test_fit_options_for_passes_each_structure_only_what_it_takes(classifier):
+    """One set of benchmark settings, filtered per structure and kind, is accepted by the strict
+    ``CurvatureFitter`` for every fittable structure and kind; the filter keeps what applies."""
+    import lalora_curv as lc
+    from benchmarks.harness import fit_options_for
+    from lalora_curv.curvature.registry import STRUCTURES
+
+    settings = dict(rank=2, terms="sequence", mc_samples=2, seed=3, share_inputs=True, max_dense=10_000)
+    for structure in STRUCTURES:
+        for kind in ("empirical", "mc", "ggn"):
+            options = fit_options_for(structure, kind, **settings)
+            lc.CurvatureFitter(classifier, structure=structure, kind=kind, **options)  # refuses any extra option
+            assert options["seed"] == 3
+            assert ("mc_samples" in options) == (kind == "mc")
+    assert "rank" not in fit_options_for("kfac", "mc", **settings)
+    assert fit_options_for("lowrank", "empirical", **settings)["rank"] == 2
+    with pytest.raises(TypeError, match="rnak"):
+        fit_options_for("kfac", "mc", rnak=2)
+    with pytest.raises(ValueError, match="unknown structure"):
+        fit_options_for("kfca", "mc", seed=0)
+
+
+def test_structures_taking_is_read_from_the_registry():
+    from benchmarks.harness import structures_taking
+    from lalora_curv.curvature.registry import STRUCTURES, structure_class
+
+    assert set(structures_taking("terms")) == {s for s in STRUCTURES if "terms" in structure_class(s).fit_options}
+    assert {"diag", "lowrank"} <= set(structures_taking("terms"))
+    assert "kfac" not in structures_taking("terms")
+    assert structures_taking("seed") == STRUCTURES
+    with pytest.raises(ValueError, match="bogus"):
+        structures_taking("bogus")
