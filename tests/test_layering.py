@@ -6,16 +6,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import pytest
-
 from tests import layering
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 # ------------------------------------------------------------------------------------ this checkout
-@pytest.mark.xfail(strict=False, reason="issue 15: continual.py, experiments/data.py and the four benchmark "
-                                        "files are being split by other branches; flip once merged")
 def test_no_module_over_the_line_limit():
     assert layering.oversized_modules(REPO) == {}
 
