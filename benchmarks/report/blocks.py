@@ -290,8 +290,10 @@ def demo_table(root: Path) -> str:
     keys = [k for k in METRICS if any(k in r for r in rows_in.values())]
     rows = [[name] + ["-" if r.get(k) is None else (f"{100 * r[k]:.1f} %" if METRICS[k][1] else f"{r[k]:.4f}")
                       for k in keys] for name, r in rows_in.items()]
-    note = (f"<sub>From `{DEMO}`: structure `{payload.get('structure')}`, strength {payload.get('lam'):.3g} "
-            f"({payload.get('lam_source')}), {payload.get('model_note')}, {payload.get('seconds', 0):.0f} s.</sub>\n\n")
+    lam = payload.get("lam")
+    note = (f"<sub>From `{DEMO}`: structure `{payload.get('structure')}`, strength "
+            f"{'-' if lam is None else f'{lam:.3g}'} ({payload.get('lam_source')}), {payload.get('model_note')}, "
+            f"{payload.get('seconds', 0):.0f} s.</sub>\n\n")
     return note + markdown_table(["model"] + [METRICS[k][0] + (" ↑" if METRICS[k][1] else " ↓") for k in keys], rows)
 
 

@@ -78,3 +78,26 @@ def test_unknown_block_name_is_an_error(tmp_path):
     (root / "README.md").write_text("<!-- report:nonesuch -->\n<!-- /report:nonesuch -->\n")
     with pytest.raises(KeyError, match="nonesuch"):
         check_pages(root)
+
+
+def test_demo_placeholder_is_rendered_once_its_json_is_committed(tmp_path):
+    import json
+
+    root = _copy_repo_pages(tmp_path)
+    readme = root / "README.md"
+    assert "<!-- report:demo (no committed JSON yet" in readme.read_text()
+    assert check_pages(root) == []  # no demo JSON: the hand table stays, the check passes
+    demo = root / "benchmarks/results/demo/demo.json"
+    demo.parent.mkdir(parents=True)
+    rows = {"base model": {"source_nll": 3.25, "mcq_accuracy": 0.5, "target_nll": 1.5},
+            "LoRA": {"source_nll": 3.3, "mcq_accuracy": 0.25, "target_nll": 1.25}}
+    demo.write_text(json.dumps({"rows": rows, "lam": 210.0, "lam_source": "--lam", "structure": "kfac",
+                                "model_note": "test", "seconds": 3.0}))
+    diffs = check_pages(root)
+    assert len(diffs) == 1 and "[demo]" in diffs[0] and "placeholder" in diffs[0]
+    assert render_pages(root) == ["README.md"]
+    text = readme.read_text()
+    assert "<!-- report:demo -->" in text and "<!-- /report:demo -->" in text
+    assert "| LoRA | 3.3000 | 25.0 % | 1.2500 |" in text
+    assert "| LaLoRA (kfac, λ=210, prior 1e-3) |" not in text  # the hand table is gone
+    assert check_pages(root) == []
