@@ -13,15 +13,19 @@
 # After each part the suite checks that the result JSON it wrote says device `cuda` (`cpu` in the
 # dry run) and writes OUT_DIR/suite.json listing every part, its command, status and seconds.
 #
-# Time budget (seconds of wall time, 720 in all). These are estimates, NOT measurements: no GPU
-# run of the full presets exists yet. Basis: the committed CPU small presets (approx ~15 min, cost
-# ~25 min, forgetting ~6 CPU-h over parts, continual ~30 min on 2 cores) and a speed-up of one
-# H100/H200 over 2 CPU cores of roughly 30-100x for a 135M model's fwd+bwd at these batch sizes;
-# the full presets are cut below with --set where their own size would not fit:
-#   approx_accuracy full   150 s  (as the preset; JVP references dominate)
-#   cost full              150 s  (warmup 1, repeats 3 instead of 2/5)
-#   forgetting full        270 s  (setting q,v only, seed 0, 100 steps instead of 200, 64 new tokens)
-#   continual full         150 s  (seed 0 of 3, 32 steps per task instead of 64)
+# Time budget (seconds of wall time: 660 for the parts, up to 4 x 15 s for a killed part's
+# clean-up, under 12 minutes in all). These are ESTIMATES, not measurements: no GPU run of any
+# full preset exists yet. Basis: the committed CPU small results' own wall times (approx 415 s,
+# cost 673 s, forgetting 3419 s summed over 40 runs = ~85 s a run, continual 1438 s, all on a
+# loaded 2-core CPU) and an assumed 30-100x speed-up of one H100/H200 for SmolLM2-135M's
+# fwd+bwd at the full presets' batches (~30 ms a step at 8 x 256 tokens). The full presets are
+# cut with --set where their own size would not fit:
+#   approx_accuracy full   140 s  (as the preset; the JVP references dominate)
+#   cost full              140 s  (warmup 1, repeats 3 instead of 2/5; random-weight 1B/3B shapes)
+#   forgetting full        250 s  (q,v setting only, plain LoRA + L2, LaLoRA diag/kfac/kfac_delta_w,
+#                                  MIGU: 26 runs of seed 0, 60 steps instead of 200, 64 new tokens;
+#                                  ~8 s a run = 60 steps + scoring, plus model load)
+#   continual full         130 s  (seed 0 of 3, 32 steps per task instead of 64)
 # Model load and CUDA start-up are inside each budget. Re-measure on the first lent GPU and adjust.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -52,10 +56,10 @@ else
     exit 2
   fi
   PARTS=(
-    "approx_accuracy|full|150|"
-    "cost|full|150|--set warmup=1 --set repeats=3"
-    "forgetting|full|270|--set settings=[{\"name\":\"qv\",\"target_modules\":[\"q_proj\",\"v_proj\"],\"methods\":\"all\"}] --set seeds=[0] --set plain_seeds=[0] --set steps=100 --set max_new_tokens=64"
-    "continual|full|150|--set seeds=[0] --set steps=32"
+    "approx_accuracy|full|140|"
+    "cost|full|140|--set warmup=1 --set repeats=3"
+    "forgetting|full|250|--set settings=[{\"name\":\"qv\",\"target_modules\":[\"q_proj\",\"v_proj\"],\"methods\":[\"L2\",\"LaLoRA-diag\",\"LaLoRA-kfac\",\"LaLoRA-kfac_delta_w\",\"migu\"]}] --set seeds=[0] --set plain_seeds=[0] --set steps=60 --set max_new_tokens=64"
+    "continual|full|130|--set seeds=[0] --set steps=32"
   )
 fi
 
