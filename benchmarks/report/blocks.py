@@ -100,8 +100,25 @@ def forgetting_headline(root: Path, setting: str = "qv") -> str:
          "MCQ NLL of the correct word ↓ (its best point)", "recovered", "seeds"], rows)
 
 
+def _evidence_line(payload: dict, setting: str) -> str:
+    """The base model's scores and plain LoRA − base (mean ± sd over its seeds) for ``setting``."""
+    base, ev = payload["base"], payload["forgetting_evidence"][setting]
+
+    def delta(key: str, decimals: int, scale: float = 1.0) -> str:
+        d = ev[key]
+        sd = "" if d["delta_sd"] is None else f" ± {scale * d['delta_sd']:.{decimals}f}"
+        return f"{scale * d['delta_mean']:+.{decimals}f}{sd}"
+
+    return (f"Base model: target NLL {base['tgt_nll']:.3f}, held-out text NLL {base['src_text_nll']:.3f}, MCQ NLL "
+            f"{base['src_mcq_nll']:.2f}, MCQ acc {100 * base['src_mcq_acc']:.1f} %. Plain LoRA − base "
+            f"({ev['n_seeds']} seeds, mean ± sd): target NLL {delta('tgt_nll', 3)}, text NLL "
+            f"{delta('src_text_nll', 3)}, MCQ NLL {delta('src_mcq_nll', 2)}, MCQ acc "
+            f"{delta('src_mcq_acc', 1, 100)} pp.\n\n")
+
+
 def forgetting_best(root: Path, setting: str) -> str:
-    """docs/benchmarks/forgetting.md: the same selection with the chosen points and MCQ accuracy."""
+    """docs/benchmarks/forgetting.md: the base and plain LoRA's forgetting, then the same selection as
+    the headline with the chosen points and MCQ accuracy."""
     payload = load_result(root / FORGETTING)
     nll, mcq = _forgetting_rows(payload, setting)
     rows = []
@@ -111,7 +128,7 @@ def forgetting_best(root: Path, setting: str) -> str:
                      _pm(r["target"], r["target_sd"], 3), _pm(r["source"], r["source_sd"], 3), _share(r["recovered"]),
                      m.get("point", "-"), _pm(m.get("source"), m.get("source_sd"), 2), _share(m.get("recovered")),
                      _pct(r["src_mcq_acc"]), str(r["seeds"])])
-    return _forgetting_caption(payload, setting) + markdown_table(
+    return _forgetting_caption(payload, setting) + _evidence_line(payload, setting) + markdown_table(
         ["method", "best point (text NLL)", "within tolerance", "target NLL ↓", "held-out text NLL ↓", "recovered",
          "best point (MCQ NLL)", "MCQ NLL ↓", "recovered", "MCQ acc (text-NLL point)", "seeds"], rows)
 
