@@ -293,6 +293,43 @@ def continual_headline(root: Path) -> str:
         markdown_table(["method", "BWT NLL (> 0 forgets)", "plasticity NLL ↓", "BWT NLL per seed (2-seed run)"], rows)
 
 
+def continual_nll_matrices(root: Path, methods: tuple[str, ...] = ("seq_lora", "ewc_kfac")) -> str:
+    """docs/benchmarks/continual.md: NLL of every task (rows; row 0 = source text) after training task
+    j (columns), for ``methods`` side by side; the base model's column once."""
+    payload = load_result(root / CONTINUAL)
+    names = payload["tasks"]
+    mats = {m: payload["matrices"][m] for m in methods}
+    first = mats[methods[0]]
+    rows = [["0 source text", _num(first["src_text_nll"][0], 3)]
+            + [_num(v, 3) for m in methods for v in mats[m]["src_text_nll"][1:]]]
+    for i, name in enumerate(names):
+        rows.append([f"{i + 1} {name}", _num(first["nll"][i][0], 3)]
+                    + [_num(v, 3) for m in methods for v in mats[m]["nll"][i][1:]])
+    headers = ["task (NLL ↓)", "base"] + [f"{payload['methods'][m]['label']}: after {j}" if j == 1 else f"{j}"
+                                          for m in methods for j in range(1, len(names) + 1)]
+    return _caption(CONTINUAL, payload, "rows: task evaluated; columns: after training task j") + \
+        markdown_table(headers, rows)
+
+
+def continual_adapter_means(root: Path,
+                            methods: tuple[str, ...] = ("seq_lora", "filter_dlr", "filter_dlr+smooth")) -> str:
+    """docs/benchmarks/continual.md: each adapter's EM / NLL averaged over tasks 1..T (column t of the
+    matrices; for a smoothing method column t is the smoothed m_t^s)."""
+    payload = load_result(root / CONTINUAL)
+    T = len(payload["tasks"])
+    rows = []
+    for m in methods:
+        mat = payload["matrices"][m]
+        cells = []
+        for j in range(1, T + 1):
+            em = sum(mat["em"][i][j] for i in range(T)) / T
+            nll = sum(mat["nll"][i][j] for i in range(T)) / T
+            cells.append(f"{em:.3f} / {nll:.3f}")
+        rows.append([payload["methods"][m]["label"]] + cells)
+    return _caption(CONTINUAL, payload, f"mean over tasks 1-{T}, EM / NLL") + \
+        markdown_table(["method"] + [f"after {j}" + (" (final)" if j == T else "") for j in range(1, T + 1)], rows)
+
+
 # ============================================================================================ demo
 def demo_table(root: Path) -> str:
     """README: the demo's table, from the JSON ``lalora-curv demo --output-dir benchmarks/results/demo`` writes."""
@@ -324,5 +361,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "continual-headline": continual_headline,
     "continual-summary": continual_summary,
     "continual-seeds": continual_seeds,
+    "continual-nll-matrices": continual_nll_matrices,
+    "continual-adapter-means": continual_adapter_means,
     "demo": demo_table,
 }
