@@ -205,6 +205,50 @@ def cost_methods(root: Path) -> str:
         markdown_table(["method", "x fwd+bwd (paired)", "state", "peak mem +"], rows)
 
 
+def _paired(model: dict, structure: str):
+    fit = next((f for f in model["fits"] if f.get("ok") and f["structure"] == structure and f["kind"] == "empirical"
+                and not f.get("variant") and f.get("backend", "hooks") == "hooks"), {})
+    return fit.get("paired_ratio")
+
+
+def cost_width(root: Path) -> str:
+    """docs/benchmarks/cost.md: every model of the run (real and truncated random-weight shapes)."""
+    payload = load_result(root / COST)
+    rows = []
+    for m in payload["models"]:
+        if "baseline" not in m:
+            continue
+        curvlinops = m.get("curvlinops") or {}
+        pens = {p["structure"]: p for p in m.get("penalty") or [] if p.get("ok")}
+        b = m["batch"]
+        rows.append([f"{m['label']}, {b['batch_size']} x {b['seq_len']}",
+                     _num(m["baseline"]["fwd_bwd"].get("per_batch_s"), 2), _num(_paired(m, "diag"), 2),
+                     _num(_paired(m, "kfac"), 2), _num((curvlinops.get("kfac") or {}).get("paired_ratio"), 2),
+                     _num((curvlinops.get("ours_vs_curvlinops_kfac") or {}).get("memory_ours_over_theirs"), 2),
+                     _num((pens.get("kfac") or {}).get("penalty_pct_of_step"), 1)])
+    return _caption(COST, payload, "fits of kind `empirical`, ratios paired") + markdown_table(
+        ["model, batch", "fwd+bwd s", "diag x", "kfac x", "curvlinops x", "kfac mem ours/theirs", "kfac penalty %"],
+        rows)
+
+
+def cost_targets(root: Path) -> str:
+    """docs/benchmarks/cost.md: each target's measured value and verdict per model, as the run judged."""
+    payload = load_result(root / COST)
+    checks = payload.get("target_checks") or []
+    models = list(dict.fromkeys(c["model"] for c in checks))
+    grouped: dict = {}
+    for c in checks:
+        grouped.setdefault((c["what"], c["threshold"]), {})[c["model"]] = c
+    rows = []
+    for (what, threshold), per_model in grouped.items():
+        cells = [per_model.get(m) for m in models]
+        rows.append([f"{what} ≤ {threshold:g}", " / ".join("-" if c is None else _num(c["value"], 2) for c in cells),
+                     " / ".join("-" if c is None else ("holds" if c["holds"] else "**missed**") for c in cells)])
+    conditions = "; ".join(dict.fromkeys(c["conditions"] for c in checks))
+    return _caption(COST, payload, f"models in this order: {' / '.join(models)}; {conditions}") + markdown_table(
+        ["target", "measured (per model)", "verdict (per model)"], rows, align=["l", "l", "l"])
+
+
 # ============================================================================================ approx
 def approx_qf(root: Path) -> str:
     """docs/benchmarks/approx_accuracy.md: signed relative error of every fitted structure per direction."""
@@ -357,6 +401,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-best-all-linear": lambda root: forgetting_best(root, "all-linear"),
     "cost-headline": cost_headline,
     "cost-methods": cost_methods,
+    "cost-width": cost_width,
+    "cost-targets": cost_targets,
     "approx-qf": approx_qf,
     "continual-headline": continual_headline,
     "continual-summary": continual_summary,
