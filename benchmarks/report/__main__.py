@@ -1,0 +1,5 @@
+import sys
+
+from benchmarks.report.cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""``python -m benchmarks.report --check``: the committed pages agree with the committed JSON, and a
+page whose table was edited by hand (or whose JSON changed) fails the check with a diff."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.report import PAGES, check_pages, render_pages
+from benchmarks.report.markers import find_blocks, replace_blocks
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_pages_match_the_json():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--check"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "matches the committed JSON" in proc.stdout
+
+
+def test_every_page_has_blocks():
+    for page in PAGES:
+        assert find_blocks((ROOT / page).read_text(), where=page), f"{page} has no report block"
+
+
+def _copy_repo_pages(tmp_path: Path) -> Path:
+    for page in PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
+    shutil.copytree(ROOT / "benchmarks" / "results", tmp_path / "benchmarks" / "results")
+    return tmp_path
+
+
+def test_a_hand_edited_number_fails_the_check(tmp_path):
+    root = _copy_repo_pages(tmp_path)
+    readme = root / "README.md"
+    text = readme.read_text()
+    assert "| 1.176 ± 0.037 |" in text  # plain LoRA's target NLL on q,v, rendered from the JSON
+    readme.write_text(text.replace("| 1.176 ± 0.037 |", "| 1.150 ± 0.037 |", 1))
+    diffs = check_pages(root)
+    assert len(diffs) == 1 and "forgetting-headline" in diffs[0] and "1.150" in diffs[0] and "1.176" in diffs[0]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.report", "--check", "--root", str(root)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "README.md [forgetting-headline]" in proc.stderr
+    # rendering repairs the page, then the check passes
+    assert render_pages(root) == ["README.md"]
+    assert check_pages(root) == []
+
+
+def test_changed_json_fails_the_check(tmp_path):
+    import json
+
+    root = _copy_repo_pages(tmp_path)
+    path = root / "benchmarks/results/cost/small-cpu.json"
+    payload = json.loads(path.read_text())
+    payload["models"][0]["fits"][0]["paired_ratio"] = 9.99
+    path.write_text(json.dumps(payload))
+    diffs = check_pages(root)
+    blocks = {d.splitlines()[0].split("[")[1].split("]")[0] for d in diffs}
+    assert blocks == {"cost-headline", "cost-methods", "cost-width"}
+
+
+def test_markers_replace_only_their_body_and_reject_an_unclosed_block():
+    text = "a\n<!-- report:x -->\nold\n<!-- /report:x -->\nb\n<!-- report:y (no committed JSON yet) -->\n"
+    assert replace_blocks(text, lambda name: f"new {name}") == (
+        "a\n<!-- report:x -->\nnew x\n<!-- /report:x -->\nb\n<!-- report:y (no committed JSON yet) -->\n")
+    with pytest.raises(ValueError, match="report:z"):
+        find_blocks("<!-- report:z -->\nbody\n", where="p.md")
+
+
+def test_unknown_block_name_is_an_error(tmp_path):
+    root = _copy_repo_pages(tmp_path)
+    (root / "README.md").write_text("<!-- report:nonesuch -->\n<!-- /report:nonesuch -->\n")
+    with pytest.raises(KeyError, match="nonesuch"):
+        check_pages(root)
+
+
+def test_demo_placeholder_is_rendered_once_its_json_is_committed(tmp_path):
+    import json
+
+    root = _copy_repo_pages(tmp_path)
+    readme = root / "README.md"
+    assert "<!-- report:demo (no committed JSON yet" in readme.read_text()
+    assert check_pages(root) == []  # no demo JSON: the hand table stays, the check passes
+    demo = root / "benchmarks/results/demo/demo.json"
+    demo.parent.mkdir(parents=True)
+    rows = {"base model": {"source_nll": 3.25, "mcq_accuracy": 0.5, "target_nll": 1.5},
+            "LoRA": {"source_nll": 3.3, "mcq_accuracy": 0.25, "target_nll": 1.25}}
+    demo.write_text(json.dumps({"rows": rows, "lam": 210.0, "lam_source": "--lam", "structure": "kfac",
+                                "model_note": "test", "seconds": 3.0}))
+    diffs = check_pages(root)
+    assert len(diffs) == 1 and "[demo]" in diffs[0] and "placeholder" in diffs[0]
+    assert render_pages(root) == ["README.md"]
+    text = readme.read_text()
+    assert "<!-- report:demo -->" in text and "<!-- /report:demo -->" in text
+    assert "| LoRA | 3.3000 | 25.0 % | 1.2500 |" in text
+    assert "| LaLoRA (kfac, λ=210, prior 1e-3) |" not in text  # the hand table is gone
+    assert check_pages(root) == []
