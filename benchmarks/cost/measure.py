@@ -81,7 +81,10 @@ class Ctx:
             if ref_times:
                 ref = ref_times
                 res["paired_ref_s"] = ref
-                res["paired_ratio"] = statistics.median(a / b for a, b in zip(t["times_s"], ref))
+                pairs = [a / b for a, b in zip(t["times_s"], ref)]
+                res["paired_ratio"] = statistics.median(pairs)
+                # the spread of the per-pair ratios over the repeats (reported beside the median)
+                res.update(paired_ratios=pairs, paired_ratio_min=min(pairs), paired_ratio_max=max(pairs))
             res["_result"] = t.result
         except Exception as exc:  # recorded, never hidden
             res = error_record(exc)

@@ -152,25 +152,34 @@ def _cost_model(payload: dict) -> dict:
 
 
 def cost_headline(root: Path) -> str:
-    """README: fit time over one fwd+bwd (paired), state, penalty share of a LoRA step (empirical fits)."""
+    """README: fit time over one fwd+bwd (paired: median, and min-max over the repeats where the JSON
+    has them), state, penalty share of a LoRA step (hooks fits of every kind)."""
     payload = load_result(root / COST)
     model = _cost_model(payload)
     penalty = {p["structure"]: p for p in model.get("penalty") or [] if p.get("ok")}
     rows = []
+
+    def spread(entry: dict) -> str:
+        lo, hi = entry.get("paired_ratio_min"), entry.get("paired_ratio_max")
+        return "-" if lo is None else f"{_num(lo, 2)}-{_num(hi, 2)}"
+
     for f in model["fits"]:
-        if not f.get("ok") or f["kind"] != "empirical" or f.get("backend", "hooks") != "hooks":
+        if not f.get("ok") or f.get("backend", "hooks") != "hooks":
             continue
-        p = penalty.get(f["structure"], {})
-        rows.append([_fit_label(f, payload["config"]), _num(f.get("paired_ratio"), 2), fmt_bytes(f["nbytes"]),
+        p = penalty.get(f["structure"], {}) if f["kind"] == "empirical" else {}
+        rows.append([_fit_label(f, payload["config"]), _num(f.get("paired_ratio"), 2), spread(f),
+                     fmt_bytes(f["nbytes"]),
                      _pct(p.get("penalty_pct_of_step") / 100) if p.get("penalty_pct_of_step") is not None else "-"])
     kfac = (model.get("curvlinops") or {}).get("kfac")
     if kfac and kfac.get("ok"):
-        rows.append(["curvlinops KFAC / empirical (same batch)", _num(kfac.get("paired_ratio"), 2),
+        rows.append(["curvlinops KFAC / empirical (same batch)", _num(kfac.get("paired_ratio"), 2), spread(kfac),
                      fmt_bytes(kfac["factor_bytes"]), "-"])
     b = model["batch"]
+    repeats = payload["config"].get("repeats")
     return _caption(COST, payload, f"{model['label']}, batch {b['batch_size']}x{b['seq_len']}, LoRA r="
-                    f"{model['lora']['r']} on {', '.join(model['lora']['target_modules'])}, {model['dtype']}") + \
-        markdown_table(["method (structure / kind)", "fit / one fwd+bwd (paired)", "state",
+                    f"{model['lora']['r']} on {', '.join(model['lora']['target_modules'])}, {model['dtype']}, "
+                    f"{repeats} timed repeats") + \
+        markdown_table(["method (structure / kind)", "fit / one fwd+bwd (paired, median)", "min-max", "state",
                         "penalty, % of a LoRA step"], rows)
 
 
