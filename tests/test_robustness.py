@@ -149,3 +149,11 @@ def test_curvlinops_backend_refuses_bf16_by_name():
     with pytest.raises(ValueError, match="backend='curvlinops' computes in the model's dtype \\(torch.bfloat16\\)"):
         lc.fit_curvature(model, [make_lm_batch(lengths=(6, 6, 6))], structure="kfac", backend="curvlinops",
                          progress=False)
+
+
+def test_curvlinops_backend_refuses_batch_keys_it_would_drop():
+    """Defect 3 for the curvlinops backend: it calls the model with input_ids/attention_mask only, so
+    a position_ids key (packed sequences) would be silently dropped; it is refused by name."""
+    batch = dict(make_lm_batch(lengths=(6, 6, 6)), position_ids=torch.arange(6).repeat(3, 1))
+    with pytest.raises(ValueError, match="also has \\['position_ids'\\]"):
+        lc.fit_curvature(make_tiny_lm(), [batch], structure="kfac", backend="curvlinops", progress=False)

@@ -44,6 +44,10 @@ def as_curvlinops_data(model: nn.Module, batches: list):
     if isinstance(batches[0], dict):
         data, shapes = [], set()
         for b in batches:
+            extra = sorted(set(b) - {"input_ids", "attention_mask", "labels"})
+            if extra:  # curvlinops calls the model with input_ids/attention_mask only: never drop a key
+                raise ValueError(f"backend='curvlinops' passes only input_ids and attention_mask to the model; the "
+                                 f"batch also has {extra}: use backend='hooks', which passes every model input")
             ids = b["input_ids"]
             mask = b.get("attention_mask")
             labels = b.get("labels", ids)
