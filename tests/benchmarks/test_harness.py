@@ -4,6 +4,7 @@ committed files included) and merging that keeps every part's provenance."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -73,10 +74,15 @@ def test_provenance_record():
                                   "forgetting/small/results.json"])
 def test_committed_results_load_with_provenance(path):
     payload = load_result(RESULTS / path)
-    (rec,) = payload["provenance"]  # rebuilt from the legacy machine block
-    assert rec["commit"] == payload["machine"]["git"]["commit"] and rec["source"].startswith("legacy file")
-    if "merged_from" in payload:  # the old merge kept only the first part's machine: the record says so
-        assert "first of the merged parts" in rec["source"]
+    assert payload["provenance"], "every committed result names the code that produced it"
+    for rec in payload["provenance"]:
+        assert re.fullmatch(r"[0-9a-f]{40}", rec["commit"]), rec
+        if rec["source"] == "recorded":  # written by the harness itself
+            assert rec["command"].startswith("python -m benchmarks.") and rec["finished_utc"]
+        else:  # rebuilt from an older file's machine block
+            assert rec["source"].startswith("legacy file") and rec["commit"] == payload["machine"]["git"]["commit"]
+            if "merged_from" in payload:  # the old merge kept only the first part's machine: the record says so
+                assert "first of the merged parts" in rec["source"]
 
 
 def test_load_result_refuses_non_results(tmp_path):
@@ -138,7 +144,8 @@ def test_committed_cost_and_approx_results_render(tmp_path):
     from benchmarks.cost.report import render_markdown
 
     cost_md = render_markdown(load_result(RESULTS / "cost" / "small-cpu.json"))
-    assert "# Cost benchmark" in cost_md and "## Provenance" in cost_md and "legacy file" in cost_md
+    assert "# Cost benchmark" in cost_md and "## Provenance" in cost_md
+    assert any(rec["commit"][:7] in cost_md for rec in load_result(RESULTS / "cost" / "small-cpu.json")["provenance"])
     path = write_markdown(load_result(RESULTS / "approx_accuracy" / "small-cpu.json"), tmp_path / "aa.md", {})
     assert "# Approximation accuracy" in path.read_text() and "## Provenance" in path.read_text()
 
