@@ -149,7 +149,7 @@ def _preset(name: str) -> Config:
     if name == "tiny":  # tests: tiny random Llama, char tokenizer, a few items, 2 steps
         return Config(preset="tiny", model="tiny", seeds=(0,), plain_seeds=(0,), target_task="basic_arithmetic",
                       n_train=4, train_batch_size=2, train_seq_len=96, n_target_eval=2, target_eval_seq_len=96,
-                      generate="all", max_new_tokens=4, gen_batch_size=2, n_mcq=3, n_mcq_proxy=2, n_source_eval=2,
+                      generate="all", max_new_tokens=4, gen_batch_size=2, n_mcq=4, n_mcq_proxy=2, n_source_eval=4,
                       source_seq_len=48, eval_batch_size=8, proxy_batches=1, proxy_batch_size=2, proxy_seq_len=32,
                       r=2, alpha=4, steps=2, lr=1e-2,
                       settings=[{"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "all"}],

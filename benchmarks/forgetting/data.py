@@ -7,6 +7,7 @@ import random
 from dataclasses import dataclass, field
 
 from benchmarks.forgetting.config import Config
+from benchmarks.forgetting.items import make_splits
 
 # ============================================================================================
 # Data
@@ -22,6 +23,9 @@ class Data:
     text_eval_texts: dict = field(default_factory=dict)   # kind -> held-out texts
     proxy: dict = field(default_factory=dict)   # (kind, n_batches) -> list of batches
     info: dict = field(default_factory=dict)
+    target_batches: list = field(default_factory=list)   # one target item per row, teacher-forced
+    n_generated: int = 0               # the first n_generated target items are scored by generation
+    splits: dict = field(default_factory=dict)   # set -> {"val": positions, "test": positions}
 
 
 def _proxy_batches(cfg: Config, tokenizer, kind: str, n_batches: int) -> tuple[list[dict], list[str]]:
@@ -65,6 +69,13 @@ def load_data(cfg: Config, tokenizer) -> Data:
     data = Data(train, target_eval, mcq_eval, mcq_proxy, text_eval, text_eval_texts=texts)
     data.info = check_disjoint(cfg, data)
     add_proxy(cfg, data, tokenizer, (cfg.proxy_kind, cfg.proxy_batches))
+    prompts = [D.format_prompt(tokenizer, it["prompt"]) for it in target_eval]
+    targets = [D.format_target(tokenizer, it["target"]) for it in target_eval]
+    data.target_batches = D.sft_batches(prompts, targets, tokenizer, batch_size=max(cfg.eval_batch_size // 2, 1),
+                                        seq_len=cfg.target_eval_seq_len, pad_to_longest=True)
+    data.n_generated = min(cfg.n_generate or len(target_eval), len(target_eval))
+    data.splits = make_splits(_set_sizes(cfg, data), cfg.data_seed)
+    data.info["splits"] = data.splits
     data.info.update(n_train=len(train), n_target_eval=len(target_eval), n_mcq=len(mcq_eval),
                      n_mcq_proxy=len(mcq_proxy), n_text_eval={k: len(v) for k, v in texts.items()},
                      text_eval_tokens={k: D.num_label_tokens(v) for k, v in text_eval.items()},
@@ -73,6 +84,20 @@ def load_data(cfg: Config, tokenizer) -> Data:
                          D.reasoning_sft_batches(train, tokenizer, batch_size=cfg.train_batch_size,
                                                  seq_len=cfg.train_seq_len, pad_to_longest=True)))
     return data
+
+
+def _set_sizes(cfg: Config, data: Data) -> dict[str, int]:
+    """Items per evaluation set (see :data:`benchmarks.forgetting.items.SETS`); a text set counts batch rows."""
+    def rows(batches):
+        return sum(int(b["input_ids"].shape[0]) for b in batches)
+
+    sizes = {"src_mcq": len(data.mcq_eval), "proxy_mcq": len(data.mcq_proxy),
+             **{f"src_text_{k}": rows(v) for k, v in data.text_eval.items()},
+             "proxy_text": rows(data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]),
+             "tgt": rows(data.target_batches), "tgt_gen": data.n_generated}
+    if sizes["tgt"] != len(data.target_eval_items):
+        raise ValueError(f"{len(data.target_eval_items)} target items gave {sizes['tgt']} scored rows")
+    return sizes
 
 
 def check_disjoint(cfg: Config, data: Data) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -22,58 +21,63 @@ from benchmarks.harness import (
 # ============================================================================================
 
 def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progress: bool = False) -> dict:
-    """All scores of ``model`` (flat dict; ``None`` where not measured). Lower NLL is better.
+    """All scores of ``model``: a flat dict of metrics (``None`` where not measured; lower NLL is
+    better), each on the whole set and on its ``_val`` / ``_test`` half, ``n_items`` per set, and
+    under ``"items"`` the per-item scores they come from (see :mod:`benchmarks.forgetting.items`).
 
     ``src_text_nll`` = mean of the WordNet and pydoc held-out NLLs (each a token mean), so both
     sources weigh the same; ``proxy_text_nll`` = NLL on the curvature's own proxy batches.
     """
+    from benchmarks.forgetting.items import metrics_from_scores, rounded
     from lalora_curv.experiments import evaluation as E
+    from lalora_curv.experiments.data import format_prompt
 
     t0 = time.perf_counter()
-    out: dict[str, Any] = {}
+    scores: dict[str, dict] = {}
+
+    def text_set(rows):
+        return {"nll_sum": [s for s, _ in rows], "tokens": [c for _, c in rows]}
+
     for kind, batches in data.text_eval.items():
-        out[f"src_text_nll_{kind}"] = E.lm_scores(model, batches)["nll"]
-    out["src_text_nll"] = statistics.fmean(out[f"src_text_nll_{k}"] for k in data.text_eval)
-    out["proxy_text_nll"] = E.lm_scores(model, data.proxy[(cfg.proxy_kind, cfg.proxy_batches)])["nll"]
-    for prefix, items in (("src_mcq", data.mcq_eval), ("proxy_mcq", data.mcq_proxy)):
+        scores[f"src_text_{kind}"] = text_set(E.row_nll_sums(model, batches))
+    scores["proxy_text"] = text_set(E.row_nll_sums(model, data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]))
+    for name, items in (("src_mcq", data.mcq_eval), ("proxy_mcq", data.mcq_proxy)):
         if cfg.mcq_impl == "fast":
             from benchmarks.forgetting.mcq import fast_mcq_scores
 
             s = fast_mcq_scores(model, tokenizer, items, batch_size=cfg.eval_batch_size)
         else:
             s = E.mcq_scores(model, tokenizer, items, batch_size=cfg.eval_batch_size)
-        out[f"{prefix}_acc"] = s["accuracy"]
-        out[f"{prefix}_acc_norm"] = s["accuracy_norm"]
-        out[f"{prefix}_nll"] = s["nll_correct"]
+        scores[name] = s["item_scores"]
     t1 = time.perf_counter()
-    from lalora_curv.experiments import data as D
-
-    items = data.target_eval_items
-    prompts = [D.format_prompt(tokenizer, it["prompt"]) for it in items]
-    targets = [D.format_target(tokenizer, it["target"]) for it in items]
-    batches = D.sft_batches(prompts, targets, tokenizer, batch_size=cfg.eval_batch_size // 2 or 1,
-                            seq_len=cfg.target_eval_seq_len, pad_to_longest=True)
-    out["tgt_nll"] = E.lm_scores(model, batches)["nll"]
+    scores["tgt"] = text_set(E.row_nll_sums(model, data.target_batches))
     t2 = time.perf_counter()
-    out["tgt_em"] = None
+    generations = None
     if generate:
-        gen_items = items[:cfg.n_generate] if cfg.n_generate else items
-        gens = E.greedy_generate(model, tokenizer, prompts[:len(gen_items)], max_new_tokens=cfg.max_new_tokens,
+        items = data.target_eval_items[:data.n_generated]
+        prompts = [format_prompt(tokenizer, it["prompt"]) for it in items]
+        gens = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
                                  batch_size=cfg.gen_batch_size, progress=progress)
         predicted = [E.extract_answer_number(g) for g in gens]
-        matches = [E.numbers_match(p, it["answer"]) for p, it in zip(predicted, gen_items)]
-        out["tgt_em"] = sum(matches) / len(gen_items)
-        out["tgt_em_n"] = len(gen_items)
-        out["tgt_answer_marker"] = sum("####" in g for g in gens) / len(gen_items)
-        out["generations_sample"] = [{"answer": it["answer"], "predicted": p, "text": g[:400]}
-                                     for it, p, g in list(zip(gen_items, predicted, gens))[:3]]
+        scores["tgt_gen"] = {"em": [int(E.numbers_match(p, it["answer"])) for p, it in zip(predicted, items)]}
+        generations = {"tgt_answer_marker": sum("####" in g for g in gens) / len(gens),
+                       "generations_sample": [{"answer": it["answer"], "predicted": p, "text": g[:400]}
+                                              for it, p, g in list(zip(items, predicted, gens))[:3]]}
     t3 = time.perf_counter()
+    scores = rounded(scores)
+    out: dict[str, Any] = {m: None for m in ("tgt_em", "tgt_em_val", "tgt_em_test")}
+    out.update(metrics_from_scores(scores, data.splits))
+    if generations is not None:
+        out["tgt_em_n"] = len(scores["tgt_gen"]["em"])
+        out.update(generations)
     out["eval_seconds"] = {"source": t1 - t0, "target_nll": t2 - t1, "generate": t3 - t2}
+    out["items"] = scores
     return out
 
 
 def _base_cache_key(cfg: Config, data: Data) -> str:
-    blob = json.dumps({"model": cfg.model, "dtype": cfg.dtype, "eval": [data.target_eval_items, data.mcq_eval,
+    blob = json.dumps({"format": "per-item scores, val/test split (2)", "splits": data.splits,
+                       "model": cfg.model, "dtype": cfg.dtype, "eval": [data.target_eval_items, data.mcq_eval,
                        data.mcq_proxy, [b["input_ids"].tolist() for v in data.text_eval.values() for b in v],
                        [b["input_ids"].tolist() for b in data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]]],
                        "gen": [cfg.max_new_tokens, cfg.n_generate, cfg.target_eval_seq_len],

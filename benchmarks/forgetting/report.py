@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from benchmarks.forgetting.config import Config
-from benchmarks.forgetting.summary import summarize
+from benchmarks.forgetting.summary import TABLES, summarize
 from benchmarks.harness import (
     fmt,
     markdown_table,
@@ -23,7 +23,7 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provena
                   extra: dict | None = None) -> dict:
     """Summarize ``runs`` and write ``results.json`` (and, if ``final``, ``summary.md`` and the plots).
     ``provenance``: one record per part (process) that produced ``runs``."""
-    summary = summarize(runs, base, cfg)
+    summary = summarize(runs, base, cfg, (data or {}).get("splits"))
     payload = {
         "benchmark": "forgetting", "preset": cfg.preset, "complete": final,
         "model": model_label(cfg.model),
@@ -31,6 +31,7 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provena
         "notes": notes, "data": data, "timing": timing, "base": base,
         "curvature": curvature, "calibration": calibration, **(extra or {}),
         "forgetting_evidence": summary["evidence"], "points": summary["points"], "tables": summary["tables"],
+        "selection": summary["selection"],
         "runs": runs,
     }
     write_json(out / "results.json", payload)
@@ -89,8 +90,12 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
             "acc": [("tgt_em", "src_mcq_acc", "target exact match ↑", "WordNet MCQ accuracy ↑"),
                     ("tgt_nll", "src_mcq_acc", "target NLL ↓", "WordNet MCQ accuracy ↑")],
         }
+        half = "_test" if summary.get("selection", "").startswith("validation") else ""
+        panels = {kind: [(xk + half, yk + half, xl + (" [test half]" if half else ""), yl) for xk, yk, xl, yl in spec]
+                  for kind, spec in panels.items()}
         for kind, axes_spec in panels.items():
-            if kind == "acc" and base.get("tgt_em") is None and all(p.get("tgt_em") is None for p in pts):
+            if kind == "acc" and base.get("tgt_em" + half) is None and all(p.get("tgt_em" + half) is None
+                                                                            for p in pts):
                 axes_spec = axes_spec[1:]
             fig, axes = plt.subplots(1, len(axes_spec), figsize=(6.2 * len(axes_spec), 4.6), squeeze=False)
             for ax, (xk, yk, xl, yl) in zip(axes[0], axes_spec):
@@ -149,7 +154,19 @@ def render_markdown(payload: dict, summary: dict) -> str:
              f"Total wall time {payload['timing'].get('total_s', 0) / 60:.1f} min.", ""]
     if payload["notes"]:
         lines += ["Notes: " + "; ".join(payload["notes"]), ""]
-    lines += ["## Forgetting evidence (plain LoRA − base; mean ± sd over seeds)", ""]
+    split = payload.get("selection", "").startswith("validation")
+    half = "_test" if split else ""
+    if split:
+        n_items = (payload["data"] or {}).get("splits", {})
+        lines += ["Selection apart from reporting: every evaluation set is split once into a validation and a "
+                  "test half; grid points and the tolerance line are chosen on validation, every number below is "
+                  "the test half. Items per half: " + ", ".join(f"{k} {len(v['val'])}/{len(v['test'])}"
+                                                               for k, v in n_items.items()) + ".", ""]
+    else:
+        lines += ["Selection and reporting on the same items (result written before the validation/test split).",
+                  ""]
+    lines += [f"## Forgetting evidence (plain LoRA − base; mean ± sd over seeds{'; test half' if split else ''})",
+              ""]
     rows = []
     for setting, ev in payload["forgetting_evidence"].items():
         for k in ("src_text_nll", "src_text_nll_wordnet", "src_text_nll_pydoc", "src_mcq_nll", "src_mcq_acc",
@@ -171,8 +188,8 @@ def render_markdown(payload: dict, summary: dict) -> str:
             title, src_name = titles[key]
             tgt_name = "target EM" if key == "acc" else "target NLL"
             lines += ["", f"## {title} — `{setting}`", "",
-                      f"Base: {tgt_name} {fmt(base.get('tgt_em' if key == 'acc' else 'tgt_nll'))}, "
-                      f"{src_name} {fmt(base.get(src_metric[key]))}. "
+                      f"Base: {tgt_name} {fmt(base.get(('tgt_em' if key == 'acc' else 'tgt_nll') + half))}, "
+                      f"{src_name} {fmt(base.get(src_metric[key] + half))}. "
                       "`recovered` = share of plain LoRA's forgetting undone on that source metric. "
                       "Rows marked `no` had no grid point within the tolerance (the point with the best target "
                       "score is shown instead).", ""]
@@ -182,19 +199,20 @@ def render_markdown(payload: dict, summary: dict) -> str:
                             _pmv(r["target"], r["target_sd"]), _pmv(r["source"], r["source_sd"]),
                             "-" if r["recovered"] is None else f"{100 * r['recovered']:.0f}%",
                             r["src_text_nll"], r["src_mcq_nll"], r["src_mcq_acc"], r["proxy_text_nll"],
-                            r["tgt_em"], r["penalty_task_ratio_last"], str(r["seeds"])])
+                            r["tgt_em"], r["penalty_task_ratio_last"], _seconds(r.get("cost_seconds")),
+                            str(r["seeds"])])
             lines.append(markdown_table(
                 ["method", "point", "init", "within tol", tgt_name, src_name, "recovered", "src text NLL",
-                 "MCQ NLL", "MCQ acc", "in-proxy text NLL", "target EM", "pen/task (end)", "seeds"], trs))
-    lines += ["", "## All grid points (seed means)", ""]
-    prow = []
-    for p in payload["points"]:
-        prow.append([p["setting"], p["family"], p["point"], p["init"] or "-", p["tgt_nll"], p["tgt_em"],
-                     p["src_text_nll"], p["src_mcq_nll"], p["src_mcq_acc"], p["proxy_text_nll"], p["proxy_mcq_nll"],
-                     p["proxy_mcq_acc"], p["penalty_task_ratio_last"], str(len(p["seeds"]))])
-    prow.insert(0, ["-", "base model", "-", "-", base["tgt_nll"], base.get("tgt_em"), base["src_text_nll"],
-                    base["src_mcq_nll"], base["src_mcq_acc"], base["proxy_text_nll"], base["proxy_mcq_nll"],
-                    base["proxy_mcq_acc"], None, "-"])
+                 "MCQ NLL", "MCQ acc", "in-proxy text NLL", "target EM", "pen/task (end)", "cost (s)", "seeds"],
+                trs))
+            if any(r.get("paired") for r in rows_t):
+                lines += ["", paired_markdown(rows_t, TABLES[key][:2], tgt_name, src_name)]
+    lines += ["", f"## All grid points (seed means{'; test half' if split else ''})", ""]
+    cols = [k + half for k in ("tgt_nll", "tgt_em", "src_text_nll", "src_mcq_nll", "src_mcq_acc", "proxy_text_nll",
+                               "proxy_mcq_nll", "proxy_mcq_acc")]
+    prow = [[p["setting"], p["family"], p["point"], p["init"] or "-", *(p.get(k) for k in cols),
+             p["penalty_task_ratio_last"], str(len(p["seeds"]))] for p in payload["points"]]
+    prow.insert(0, ["-", "base model", "-", "-", *(base.get(k) for k in cols), None, "-"])
     lines.append(markdown_table(["setting", "method", "point", "init", "tgt NLL", "tgt EM", "src text NLL",
                                  "src MCQ NLL", "src MCQ acc", "in-proxy text NLL", "in-proxy MCQ NLL",
                                  "in-proxy MCQ acc", "pen/task (end)", "seeds"], prow))
@@ -212,6 +230,37 @@ def render_markdown(payload: dict, summary: dict) -> str:
         lines += ["", f"![{fig}]({fig})"]
     lines += ["", provenance_markdown(payload.get("provenance"))]
     return "\n".join(lines) + "\n"
+
+
+def paired_cell(d: dict | None, scale: float = 1.0, digits: int = 3) -> str:
+    """``+0.012 [-0.003, +0.027]``, bold where the interval excludes 0; ``-`` where not measured."""
+    if not d:
+        return "-"
+    cell = f"{scale * d['mean']:+.{digits}f} [{scale * d['lo']:+.{digits}f}, {scale * d['hi']:+.{digits}f}]"
+    return f"**{cell}**" if d["significant"] else cell
+
+
+def paired_markdown(rows: list[dict], metrics: tuple[str, str], tgt_name: str, src_name: str) -> str:
+    """The chosen points against plain LoRA and L2 of the same seeds, test half, 95 % intervals."""
+    target, source = metrics
+    pct = {m: (100.0, 1) if m.endswith(("_acc", "_em")) else (1.0, 3) for m in metrics}
+    out = []
+    for r in rows:
+        p = r.get("paired") or {}
+        out.append([r["family"], r["point"], str(r["seeds"])]
+                   + [paired_cell((p.get(ref) or {}).get(m), *pct[m])
+                      for ref in ("LoRA", "L2") for m in (source, target)])
+    unit = {m: " (pp)" if pct[m][0] == 100.0 else "" for m in metrics}
+    note = ("Paired by seed, test half: mean over seeds of (method − reference) with a 95 % bootstrap interval "
+            "over seeds and items; **bold**: the interval excludes 0.")
+    return note + "\n\n" + markdown_table(
+        ["method", "point", "seeds", f"Δ {src_name}{unit[source]} vs LoRA", f"Δ {tgt_name}{unit[target]} vs LoRA",
+         f"Δ {src_name}{unit[source]} vs L2", f"Δ {tgt_name}{unit[target]} vs L2"], out)
+
+
+def _seconds(x) -> str:
+    """A cost in whole seconds (training + curvature fit + the calibration a relative strength needs)."""
+    return "-" if x is None else f"{x:.0f}"
 
 
 def _pmv(mean, sd) -> str:

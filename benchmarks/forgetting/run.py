@@ -99,6 +99,7 @@ class Benchmark:
         self.curv_cache: dict = {}
         self.curv_info: dict = {}
         self.calibration: dict = {}
+        self.plain_train_seconds: dict = {}   # (setting, seed) -> seconds: the cost of what reuses that run
         self.results: list[dict] = []
         self.done: dict = {}
         if resume and (self.out / "results.json").exists():
@@ -165,8 +166,10 @@ class Benchmark:
                                               "intruder_report": getattr(model, "intruder_report", None)},
                           history=history_summary(hist), train_seconds=0.0)
             record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
+            record["items"] = record["metrics"].pop("items")
             _set_params(model, trained)
             record["seconds"] = time.perf_counter() - t0
+            record["cost"] = self.cost(run, record)
             return [record]
 
         model = copy.deepcopy(base_model)
@@ -224,11 +227,33 @@ class Benchmark:
                 info["final_quadratic"] = float(penalty.quadratic()) if hasattr(penalty, "quadratic") else None
         record.update(info=info, history=history_summary(hist), train_seconds=train_seconds)
         record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
+        record["items"] = record["metrics"].pop("items")
         record["seconds"] = time.perf_counter() - t0
         if is_plain(run):
             plain_state[(run["setting"], seed)] = (model, lora, lora.snapshot(), hist)
             self.calibrate(model, lora, run, data, tokenizer, hist)
+            self.plain_train_seconds[(run["setting"], seed)] = train_seconds
+        record["cost"] = self.cost(run, record)
         return [record]
+
+    def cost(self, run: dict, record: dict) -> dict:
+        """What a user pays for this grid point, in seconds: its training, its curvature fit (LaLoRA),
+        and, for a relative strength, the plain LoRA run and the calibration it needs (both counted in
+        full for every relative point, as a user tuning one method would pay them)."""
+        parts = {"train": record["train_seconds"]}
+        if run["method"] == "lalora":
+            key = "|".join(map(str, (run["setting"], run["seed"], run["spec"]["structure"],
+                                     tuple(record["info"]["proxy"]))))
+            parts["curvature_fit"] = self.curv_info.get(key, {}).get("fit_seconds", 0.0)
+        elif run["method"] == "lalora_on_init":
+            parts["curvature_fit"] = record["info"].get("curvature_fit_seconds", 0.0)
+        if "relative" in run:
+            cal = self.calibration.get(f"{run['setting']}/s{run['seed']}", {})
+            parts["calibration_plain_lora_run"] = self.plain_train_seconds.get((run["setting"], run["seed"]), 0.0)
+            parts["calibration"] = cal.get("seconds", 0.0)
+        if run["method"] == "baseline" and run["spec"]["name"] == "intruders":  # post-hoc on plain LoRA
+            parts["plain_lora_run"] = self.plain_train_seconds.get((run["setting"], run["seed"]), 0.0)
+        return {"seconds": sum(parts.values()), **parts}
 
     def resolve_strength(self, run: dict) -> float:
         """``run["relative"] * lam_ratio1`` of the calibration at plain LoRA's solution of the same
@@ -253,6 +278,7 @@ class Benchmark:
         setting = next(s for s in self.cfg.settings if s["name"] == run["setting"])
         if setting.get("methods", "all") == "plain" or run["seed"] not in self.cfg.seeds:
             return
+        t_start, fit_before = time.perf_counter(), sum(v["fit_seconds"] for v in self.curv_info.values())
         trained = lora.snapshot()
         task = statistics.fmean(h["task_loss"] for h in hist[-5:])
         out = {"task_loss_last": task}
@@ -282,6 +308,9 @@ class Benchmark:
             out[structure] = {"q": q, "lam_ratio1": 2 * task / q if q > 0 else None}
         del init_model
         _set_params(model, trained)
+        # the fits made here are the runs' own curvatures (cached), counted in their cost once
+        out["seconds"] = (time.perf_counter() - t_start
+                          - (sum(v["fit_seconds"] for v in self.curv_info.values()) - fit_before))
         self.calibration[f"{run['setting']}/s{run['seed']}"] = out
 
     # ---------------------------------------------------------------- all runs

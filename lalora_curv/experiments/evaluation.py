@@ -70,6 +70,26 @@ def nll_sum_and_count(model, batch: dict[str, torch.Tensor]) -> tuple[float, int
     return float(-logprobs.sum()), int(mask.sum())
 
 
+def row_nll_sums(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[float, int]]:
+    """Per batch row, in order: ``(summed NLL in nats, number of prediction terms)``.
+
+    The per-item form of :func:`lm_scores` (one text or one prompt/target pair per row, as the
+    padded batchers make them): summing both columns over the rows gives its ``nll``, and a subset
+    of rows gives the score of that subset (validation/test halves, bootstrap resamples).
+    """
+    rows: list[tuple[float, int]] = []
+    device = None
+    with _inference(model):
+        for batch in batches:
+            device = device or _device(model)
+            input_ids = batch["input_ids"].to(device)
+            attention_mask = batch.get("attention_mask")
+            attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
+            logprobs, mask = _token_logprobs(model, input_ids, attention_mask, batch["labels"].to(device))
+            rows.extend(zip((-logprobs.sum(1)).tolist(), mask.sum(1).tolist()))
+    return [(float(s), int(c)) for s, c in rows]
+
+
 def lm_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, progress: bool = False) -> dict:
     """``{"nll": mean NLL per term (nats), "ppl": exp(nll), "tokens": number of terms}``."""
     total, count = 0.0, 0
@@ -186,25 +206,28 @@ def mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str = " ",
 
 def mcq_summary(items: Sequence[dict], per_item: Sequence[Sequence[tuple[float, int]]]) -> dict:
     """The scores of :func:`mcq_scores` from ``per_item[i][c] = (summed log-prob, token count)`` of
-    choice ``c`` of item ``i`` (shared by scorers that compute the log-probs differently)."""
-    correct = correct_norm = 0
-    nll_correct = nll_correct_per_token = 0.0
+    choice ``c`` of item ``i`` (shared by scorers that compute the log-probs differently).
+
+    ``item_scores`` holds the per-item values the means come from: ``correct`` and ``correct_norm``
+    (0/1: the arg-max of the summed / per-token log-prob is the answer) and ``nll`` (minus the
+    summed log-prob of the correct choice)."""
+    flags, flags_norm, nlls, nlls_per_token = [], [], [], []
     predictions, logliks = [], []
     for item, results in zip(items, per_item):
         sums = [s for s, _ in results]
         normalized = [s / k for s, k in results]
         prediction = max(range(len(sums)), key=sums.__getitem__)
         answer = item["answer_index"]
-        correct += prediction == answer
-        correct_norm += max(range(len(normalized)), key=normalized.__getitem__) == answer
-        nll_correct += -sums[answer]
-        nll_correct_per_token += -normalized[answer]
+        flags.append(int(prediction == answer))
+        flags_norm.append(int(max(range(len(normalized)), key=normalized.__getitem__) == answer))
+        nlls.append(-sums[answer])
+        nlls_per_token.append(-normalized[answer])
         predictions.append(prediction)
         logliks.append(sums)
     n = len(items)
-    return {"accuracy": correct / n, "accuracy_norm": correct_norm / n, "nll_correct": nll_correct / n,
-            "nll_correct_per_token": nll_correct_per_token / n, "n": n, "predictions": predictions,
-            "logliks": logliks}
+    return {"accuracy": sum(flags) / n, "accuracy_norm": sum(flags_norm) / n, "nll_correct": sum(nlls) / n,
+            "nll_correct_per_token": sum(nlls_per_token) / n, "n": n, "predictions": predictions,
+            "logliks": logliks, "item_scores": {"correct": flags, "correct_norm": flags_norm, "nll": nlls}}
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,5 +323,5 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
 
 __all__ = [
     "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity", "continuation_logliks", "mcq_scores",
-    "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate", "reasoning_scores",
+    "row_nll_sums", "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate", "reasoning_scores",
 ]

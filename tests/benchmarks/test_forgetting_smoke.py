@@ -32,6 +32,10 @@ def test_tiny_preset_end_to_end(tmp_path):
         for k in ("tgt_nll", "tgt_em", "src_text_nll", "src_mcq_nll", "src_mcq_acc", "proxy_text_nll",
                   "proxy_mcq_acc"):
             assert m[k] is not None, (r["id"], k)
+            assert m[k + "_val"] is not None and m[k + "_test"] is not None, (r["id"], k)
+        # every set split once into disjoint halves, recorded; per-item scores stored with the run
+        assert m["n_items"]["src_mcq"] == {"all": 4, "val": 2, "test": 2}
+        assert set(r["items"]) == set(data["data"]["splits"]) == set(m["n_items"])
         h = r["history"]
         assert h["steps"] == 2 and len(h["task_loss"]) == 2
         assert r["init"] == forgetting.B0_INIT
@@ -40,6 +44,10 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert "kfac" in data["calibration"]["qv/s0"] and "l2" in data["calibration"]["qv/s0"]
     assert len(data["forgetting_evidence"]["qv"]["src_text_nll"]["deltas"]) == 1
     assert {row["family"] for row in data["tables"]["qv"]["nll"]} == {"LoRA", "L2", "LaLoRA-kfac"}
+    assert data["selection"].startswith("validation")
+    kfac_row = next(row for row in data["tables"]["qv"]["acc"] if row["family"] == "LaLoRA-kfac")
+    assert kfac_row["selected_on"] == "val" and kfac_row["reported_on"] == "test"
+    assert set(kfac_row["paired"]) == {"LoRA", "L2"} and kfac_row["paired"]["LoRA"]["src_mcq_acc"]["n_seeds"] == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "Forgetting evidence" in summary and "pareto_nll.png" in summary
 
@@ -113,6 +121,12 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     l2 = next(r for r in a["runs"] if r["method"] == "l2")
     assert l2["point"] == "rel=2" and l2["relative"] == 2.0
     assert l2["strength"] == pytest.approx(2.0 * a["calibration"]["qv/s0"]["l2"]["lam_ratio1"])
+    # a relative strength costs its own training plus the plain LoRA run and calibration it needs
+    plain = next(r for r in a["runs"] if r["method"] == "lora")
+    assert l2["cost"]["calibration_plain_lora_run"] == plain["train_seconds"] > 0
+    assert l2["cost"]["seconds"] == pytest.approx(l2["train_seconds"] + plain["train_seconds"]
+                                                  + a["calibration"]["qv/s0"]["seconds"])
+    assert plain["cost"] == {"seconds": plain["train_seconds"], "train": plain["train_seconds"]}
 
     for part, commit in (("a", "a" * 40), ("b", "b" * 40)):  # as if the parts ran on different commits
         payload = json.loads((tmp_path / part / "results.json").read_text())
@@ -154,7 +168,7 @@ def test_calibration_fits_only_the_structures_a_setting_runs(tmp_path):
     cfg = forgetting.make_config("tiny", overrides={"settings": [
         {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": ["L2"]}]})
     payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
-    assert set(payload["calibration"]["qv/s0"]) == {"task_loss_last", "l2"}
+    assert set(payload["calibration"]["qv/s0"]) == {"task_loss_last", "l2", "seconds"}
     assert not payload["curvature"]
 
 

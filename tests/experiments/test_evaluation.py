@@ -47,6 +47,20 @@ def test_perplexity_is_exp_of_token_mean_nll_over_all_batches(model, tok):
     assert math.isclose(E.mean_nll(model, batches), scores["nll"], rel_tol=1e-6)
 
 
+def test_row_nll_sums_are_each_rows_own_terms_and_sum_to_lm_scores(model, tok):
+    texts = ["hello there", "tiny models know nothing", "abc def ghi jkl mno pqr", "x y"]
+    batches = D.lm_batches(texts, tok, batch_size=3, seq_len=16, pad_to_longest=True)
+    rows = E.row_nll_sums(model, batches)
+    assert len(rows) == sum(b["input_ids"].shape[0] for b in batches) == 4
+    singles = [{k: v[i:i + 1] for k, v in b.items()} for b in batches for i in range(b["input_ids"].shape[0])]
+    for (nll_sum, count), single in zip(rows, singles):  # padding of the batch changes nothing
+        terms = _manual_nll_terms(model, single)
+        assert count == len(terms) and math.isclose(nll_sum, sum(terms), rel_tol=1e-5)
+    scores = E.lm_scores(model, batches)
+    assert sum(c for _, c in rows) == scores["tokens"]
+    assert math.isclose(sum(s for s, _ in rows) / scores["tokens"], scores["nll"], rel_tol=1e-6)
+
+
 def test_mean_nll_matches_hf_loss_on_one_batch(model, tok):
     batch = D.lm_batches(["one unpadded row!", "and another row.."], tok, batch_size=2, seq_len=17)[0]
     assert (batch["attention_mask"] == 1).all()
