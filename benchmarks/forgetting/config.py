@@ -49,6 +49,7 @@ class Config:
     n_mcq: int = 64
     n_mcq_proxy: int = 32
     n_source_eval: int = 32                # held-out texts, half WordNet half pydoc
+    pydoc_max_chars: int = 1000            # pydoc passages are cut at paragraphs below this length
     source_seq_len: int = 128
     eval_batch_size: int = 16
     mcq_impl: str = "fast"                 # "fast" (shared prompt, checked against the reference) | "reference"

@@ -63,7 +63,8 @@ def load_data(cfg: Config, tokenizer) -> Data:
     mcq_proxy = D.wordnet_mcq("proxy", n=cfg.n_mcq_proxy, seed=cfg.data_seed)
     n_wn = cfg.n_source_eval // 2
     texts = {"wordnet": D.wordnet_texts("eval", n=n_wn, seed=cfg.data_seed),
-             "pydoc": D.pydoc_texts("eval", n=cfg.n_source_eval - n_wn, seed=cfg.data_seed)}
+             "pydoc": D.pydoc_texts("eval", n=cfg.n_source_eval - n_wn, seed=cfg.data_seed,
+                                    max_chars=cfg.pydoc_max_chars)}
     text_eval = {k: D.lm_batches(v, tokenizer, batch_size=cfg.eval_batch_size, seq_len=cfg.source_seq_len,
                                  pad_to_longest=True) for k, v in texts.items()}
     data = Data(train, target_eval, mcq_eval, mcq_proxy, text_eval, text_eval_texts=texts)

@@ -404,7 +404,20 @@ def demo_table(root: Path) -> str:
     return note + markdown_table(["model"] + [METRICS[k][0] + (" ↑" if METRICS[k][1] else " ↓") for k in keys], rows)
 
 
+#: the main q,v setting with matched seeds and a validation/test split (``--preset main``)
+FORGETTING_MAIN = "benchmarks/results/forgetting/main/results.json"
+
+
+def _main_table(table: str) -> Callable[[Path], str]:
+    from benchmarks.report.paired_blocks import forgetting_paired
+
+    return lambda root: forgetting_paired(root, FORGETTING_MAIN, "qv", table)
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
+    "forgetting-main-acc": _main_table("acc"),
+    "forgetting-main-nll": _main_table("nll"),
+    "forgetting-main-mcq-nll": _main_table("mcq_nll"),
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),
     "forgetting-best-all-linear": lambda root: forgetting_best(root, "all-linear"),

@@ -50,6 +50,18 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert set(kfac_row["paired"]) == {"LoRA", "L2"} and kfac_row["paired"]["LoRA"]["src_mcq_acc"]["n_seeds"] == 1
     summary = (tmp_path / "summary.md").read_text()
     assert "Forgetting evidence" in summary and "pareto_nll.png" in summary
+    assert "Paired by seed, test half" in summary and "chosen on validation" in summary
+
+    # the README's paired table renders from the result file, with the interval of every comparison
+    from benchmarks.report.blocks import FORGETTING_MAIN
+    from benchmarks.report.paired_blocks import forgetting_paired
+
+    root = tmp_path / "repo"
+    (root / FORGETTING_MAIN).parent.mkdir(parents=True)
+    (root / FORGETTING_MAIN).write_text((tmp_path / "results.json").read_text())
+    table = forgetting_paired(root, FORGETTING_MAIN, "qv", "acc")
+    kfac_line = next(line for line in table.splitlines() if line.startswith("| LaLoRA-kfac"))
+    assert kfac_line.count("[") == 4 and "validation half" in table
 
     # a resumed run reuses the cached base-model evaluation and the finished runs (plain LoRA reruns:
     # calibration needs its model), and keeps the provenance of the process that made them

@@ -1,0 +1,72 @@
+"""Forgetting tables with paired intervals (results with a validation/test split): per method the
+point the benchmark chose on validation, its test scores, and its paired differences to plain LoRA
+and to L2 with 95 % bootstrap intervals, exactly as stored in the result's ``tables``."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from benchmarks.forgetting.report import paired_cell
+from benchmarks.harness import load_result, markdown_table
+
+# table -> (target metric, source metric, target label, source label, percent?)
+TABLES = {"acc": ("tgt_em", "src_mcq_acc", "target exact match", "WordNet MCQ accuracy", True),
+          "nll": ("tgt_nll", "src_text_nll", "target NLL", "held-out text NLL", False),
+          "mcq_nll": ("tgt_nll", "src_mcq_nll", "target NLL", "MCQ NLL of the correct word", False)}
+
+
+def _value(x, sd, percent: bool) -> str:
+    if x is None or not math.isfinite(x):
+        return "-"
+    scale, digits = (100.0, 1) if percent else (1.0, 3)
+    text = f"{scale * x:.{digits}f}" + (" %" if percent else "")
+    return text + (f" ± {scale * sd:.{digits}f}" if sd is not None else "")
+
+
+def _delta(d: dict | None, percent: bool) -> str:
+    return paired_cell(d, 100.0, 1) if percent else paired_cell(d, 1.0, 3)
+
+
+def caption(path: str, payload: dict, setting: str) -> str:
+    cfg = payload["config"]
+    st = next(s for s in cfg["settings"] if s["name"] == setting)
+    modules = st["target_modules"] if isinstance(st["target_modules"], str) else ", ".join(st["target_modules"])
+    splits = (payload.get("data") or {}).get("splits") or {}
+    halves = ", ".join(f"{k} {len(v['val'])}/{len(v['test'])}" for k, v in splits.items()
+                       if k in ("src_mcq", "src_text_wordnet", "src_text_pydoc", "tgt", "tgt_gen"))
+    device = payload.get("device") or (payload.get("machine") or {}).get("device")
+    return (f"<sub>From `{path}`: preset `{payload['preset']}`, device `{device}`; target `{cfg['target_task']}`; "
+            f"LoRA r={st.get('r', cfg['r'])} on {modules}, lr {st.get('lr', cfg['lr'])}, "
+            f"{st.get('steps', cfg['steps'])} steps; curvature kind `{cfg['curvature_kind']}`; points chosen on the "
+            f"validation half, numbers from the test half (items val/test: {halves}); Δ = paired mean over seeds "
+            f"with a 95 % bootstrap interval over seeds and items, **bold** where it excludes 0.</sub>\n\n")
+
+
+def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
+    """The ``table`` ("acc" | "nll" | "mcq_nll") of ``setting`` in the result at ``path``."""
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    target, source, tgt_label, src_label, percent = TABLES[table]
+    rows_in = payload["tables"][setting][table]
+    base = payload["base"]
+    pct_target = percent and target.endswith("_em")
+    rows = [["base model", "-", _value(base.get(target + "_test"), None, pct_target),
+             _value(base.get(source + "_test"), None, percent), "-", "-", "-", "-", "-", "-"]]
+    for r in rows_in:
+        paired = r.get("paired") or {}
+        label = r["family"] if r["point"] == "-" else f"{r['family']} ({r['point']})"
+        rows.append([label, "yes" if r["within_tolerance"] else "no",
+                     _value(r["target"], r["target_sd"], pct_target), _value(r["source"], r["source_sd"], percent),
+                     _delta((paired.get("LoRA") or {}).get(source), percent),
+                     _delta((paired.get("LoRA") or {}).get(target), pct_target),
+                     _delta((paired.get("L2") or {}).get(source), percent),
+                     _delta((paired.get("L2") or {}).get(target), pct_target),
+                     "-" if r.get("cost_seconds") is None else f"{r['cost_seconds']:.0f}", str(r["seeds"])])
+    unit = " (pp)" if percent else ""
+    tunit = " (pp)" if pct_target else ""
+    return caption(path, payload, setting) + markdown_table(
+        ["method (point)", "within tolerance", f"{tgt_label} (test)", f"{src_label} (test)",
+         f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
+         f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"], rows)
