@@ -41,6 +41,9 @@ class Config:
     train_seq_len: int = 384
     n_target_eval: int = 32
     target_eval_seq_len: int = 512
+    em_mode: str = "generate"              # exact match: "generate" (greedy generation, parsed number) |
+    #                                        "teacher_forced" (greedy decoding writes exactly the target; one
+    #                                        pass, every run, no generation: for short-answer tasks)
     generate: str = "all"                  # exact match by greedy generation: "all" | "plain" | "none"
     n_generate: int | None = None          # items generated (None = all n_target_eval)
     max_new_tokens: int = 128

@@ -74,7 +74,10 @@ def load_data(cfg: Config, tokenizer) -> Data:
     targets = [D.format_target(tokenizer, it["target"]) for it in target_eval]
     data.target_batches = D.sft_batches(prompts, targets, tokenizer, batch_size=max(cfg.eval_batch_size // 2, 1),
                                         seq_len=cfg.target_eval_seq_len, pad_to_longest=True)
-    data.n_generated = min(cfg.n_generate or len(target_eval), len(target_eval))
+    if cfg.em_mode not in ("generate", "teacher_forced"):
+        raise ValueError(f"em_mode must be 'generate' or 'teacher_forced', got {cfg.em_mode!r}")
+    data.n_generated = (len(target_eval) if cfg.em_mode == "teacher_forced"
+                        else min(cfg.n_generate or len(target_eval), len(target_eval)))
     data.splits = make_splits(_set_sizes(cfg, data), cfg.data_seed)
     data.info["splits"] = data.splits
     data.info.update(n_train=len(train), n_target_eval=len(target_eval), n_mcq=len(mcq_eval),

@@ -50,10 +50,13 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
             s = E.mcq_scores(model, tokenizer, items, batch_size=cfg.eval_batch_size)
         scores[name] = s["item_scores"]
     t1 = time.perf_counter()
-    scores["tgt"] = text_set(E.row_nll_sums(model, data.target_batches))
+    target_rows = E.row_scores(model, data.target_batches)
+    scores["tgt"] = text_set([(s, c) for s, c, _ in target_rows])
     t2 = time.perf_counter()
     generations = None
-    if generate:
+    if cfg.em_mode == "teacher_forced":  # greedy decoding would write exactly the target (and stop)
+        scores["tgt_gen"] = {"em": [int(g) for _, _, g in target_rows]}
+    elif generate:
         items = data.target_eval_items[:data.n_generated]
         prompts = [format_prompt(tokenizer, it["prompt"]) for it in items]
         gens = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens,
@@ -73,6 +76,27 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
     out["eval_seconds"] = {"source": t1 - t0, "target_nll": t2 - t1, "generate": t3 - t2}
     out["items"] = scores
     return out
+
+
+def check_teacher_forced_em(model, tokenizer, cfg: Config, data: Data, n: int = 32) -> dict:
+    """Teacher-forced exact match against real greedy generation on the first ``n`` target items:
+    the generated text (up to the end-of-turn token) must equal the target exactly where, and only
+    where, the teacher-forced pass says it does. Recorded in the result; a disagreement is a note."""
+    from lalora_curv.experiments import evaluation as E
+    from lalora_curv.experiments.data import format_prompt, sft_batches
+
+    items = data.target_eval_items[:n]
+    prompts = [format_prompt(tokenizer, it["prompt"]) for it in items]
+    targets = [it["target"] for it in items]
+    longest = max(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in targets)
+    gens = E.greedy_generate(model, tokenizer, prompts, max_new_tokens=longest + 2, batch_size=cfg.gen_batch_size)
+    batches = sft_batches(prompts, targets, tokenizer, batch_size=cfg.gen_batch_size,
+                          seq_len=cfg.target_eval_seq_len, pad_to_longest=True)
+    forced = [g for _, _, g in E.row_scores(model, batches)]
+    generated = [g == t for g, t in zip(gens, targets)]
+    return {"n_items": len(items), "agree": sum(a == b for a, b in zip(forced, generated)),
+            "teacher_forced_em": sum(forced), "generated_em": sum(generated),
+            "ok": forced == generated}
 
 
 def _base_cache_key(cfg: Config, data: Data) -> str:

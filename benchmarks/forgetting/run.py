@@ -15,7 +15,7 @@ import torch
 
 from benchmarks.forgetting.config import B0_INIT, RESULTS_DIR, Config
 from benchmarks.forgetting.data import Data, load_data, proxy_for, train_batches
-from benchmarks.forgetting.evaluation import base_scores, evaluate
+from benchmarks.forgetting.evaluation import base_scores, check_teacher_forced_em, evaluate
 from benchmarks.forgetting.report import brief, write_outputs
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
 from benchmarks.harness import (
@@ -229,6 +229,13 @@ class Benchmark:
         record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
         record["items"] = record["metrics"].pop("items")
         record["seconds"] = time.perf_counter() - t0
+        if is_plain(run) and cfg.em_mode == "teacher_forced" and "em_check" not in data.info:
+            # after training, where the model writes answers: the one-pass exact match against generation
+            check = check_teacher_forced_em(model, tokenizer, cfg, data)
+            data.info["em_check"] = {**check, "model": run["id"]}
+            if not check["ok"]:
+                self.notes.append(f"teacher-forced exact match disagreed with greedy generation on "
+                                  f"{check['n_items'] - check['agree']} of {check['n_items']} items ({run['id']})")
         if is_plain(run):
             plain_state[(run["setting"], seed)] = (model, lora, lora.snapshot(), hist)
             self.calibrate(model, lora, run, data, tokenizer, hist)

@@ -70,14 +70,20 @@ def nll_sum_and_count(model, batch: dict[str, torch.Tensor]) -> tuple[float, int
     return float(-logprobs.sum()), int(mask.sum())
 
 
-def row_nll_sums(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[float, int]]:
-    """Per batch row, in order: ``(summed NLL in nats, number of prediction terms)``.
+def row_scores(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[float, int, bool]]:
+    """Per batch row, in order: ``(summed NLL in nats, number of prediction terms, greedy match)``.
 
     The per-item form of :func:`lm_scores` (one text or one prompt/target pair per row, as the
-    padded batchers make them): summing both columns over the rows gives its ``nll``, and a subset
-    of rows gives the score of that subset (validation/test halves, bootstrap resamples).
+    padded batchers make them): summing the first two columns over the rows gives its ``nll``, and
+    a subset of rows gives the score of that subset (validation/test halves, bootstrap resamples).
+
+    ``greedy match``: at every labelled position the arg-max token is the label. For an SFT row
+    (labels on the target and its closing eos only) that is exactly "greedy decoding from the
+    prompt writes this target token by token and then stops": the exact match of a short answer,
+    read from one teacher-forced pass instead of a generation loop. It is stricter than a parsed
+    match (the answer must come out in the reference's own tokenization, with nothing around it).
     """
-    rows: list[tuple[float, int]] = []
+    rows: list[tuple[float, int, bool]] = []
     device = None
     with _inference(model):
         for batch in batches:
@@ -85,9 +91,20 @@ def row_nll_sums(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tupl
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch.get("attention_mask")
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-            logprobs, mask = _token_logprobs(model, input_ids, attention_mask, batch["labels"].to(device))
-            rows.extend(zip((-logprobs.sum(1)).tolist(), mask.sum(1).tolist()))
-    return [(float(s), int(c)) for s, c in rows]
+            labels = batch["labels"].to(device)
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
+            targets = labels[:, 1:]
+            mask = targets != IGNORE_INDEX
+            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                                  targets.masked_fill(~mask, 0).reshape(-1), reduction="none").view(targets.shape)
+            hit = (logits.argmax(-1) == targets) | ~mask
+            rows.extend(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist(), hit.all(1).tolist()))
+    return [(float(s), int(c), bool(g)) for s, c, g in rows]
+
+
+def row_nll_sums(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[float, int]]:
+    """Per batch row: ``(summed NLL in nats, number of prediction terms)`` (see :func:`row_scores`)."""
+    return [(s, c) for s, c, _ in row_scores(model, batches)]
 
 
 def lm_scores(model, batches: Iterable[dict[str, torch.Tensor]], *, progress: bool = False) -> dict:
@@ -323,5 +340,6 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
 
 __all__ = [
     "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity", "continuation_logliks", "mcq_scores",
-    "row_nll_sums", "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate", "reasoning_scores",
+    "row_scores", "row_nll_sums", "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate",
+    "reasoning_scores",
 ]

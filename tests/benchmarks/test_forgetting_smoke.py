@@ -252,3 +252,19 @@ def test_empirical_curvature_kind_fits(tmp_path):
     assert len(laplace) == len(methods) - 1
     assert all(r["info"]["curvature_kind"] == "empirical" for r in laplace if r["method"] == "lalora")
     assert all(info["kind"] == "empirical" for info in payload["curvature"].values())
+
+
+def test_teacher_forced_exact_match_agrees_with_generation(tmp_path):
+    """``em_mode="teacher_forced"``: exact match of every run from the target pass, no generation; the
+    check against real greedy generation after plain LoRA is recorded."""
+    cfg = forgetting.make_config("tiny", overrides={"em_mode": "teacher_forced", "generate": "none",
+                                                    "methods": [{"method": "lora"}]})
+    payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, log=lambda *_: None)
+    (run,) = payload["runs"]
+    assert run["metrics"]["tgt_em"] is not None and run["metrics"]["eval_seconds"]["generate"] < 1.0
+    assert len(run["items"]["tgt_gen"]["em"]) == len(run["items"]["tgt"]["tokens"])
+    check = payload["data"]["em_check"]
+    assert check["ok"] and check["agree"] == check["n_items"] == 2
+    with pytest.raises(ValueError, match="em_mode must be"):
+        forgetting.run_benchmark(forgetting.make_config("tiny", overrides={"em_mode": "parsed"}), tmp_path / "x",
+                                 "cpu", progress=False, log=lambda *_: None)

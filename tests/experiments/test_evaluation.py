@@ -61,6 +61,21 @@ def test_row_nll_sums_are_each_rows_own_terms_and_sum_to_lm_scores(model, tok):
     assert math.isclose(sum(s for s, _ in rows) / scores["tokens"], scores["nll"], rel_tol=1e-6)
 
 
+def test_row_scores_greedy_match_is_greedy_decoding_of_the_target(model, tok):
+    """A target equal to the model's own greedy continuation matches; one changed token does not."""
+    prompts = ["Q: 12+7\nA:", "Q: what is it?\nA:", "Q: x\nA:"]
+    gens = E.greedy_generate(model, tok, prompts, max_new_tokens=4, batch_size=3)
+    assert all(len(tok(g, add_special_tokens=False)["input_ids"]) == 4 for g in gens)  # no early eos
+    batches = D.sft_batches(prompts, gens, tok, batch_size=3, seq_len=32, add_eos=False, pad_to_longest=True)
+    assert [g for _, _, g in E.row_scores(model, batches)] == [True, True, True]
+    ids = tok(gens[0], add_special_tokens=False)["input_ids"]
+    other = tok.decode(ids[:-1] + [(ids[-1] + 1) % tok.vocab_size])
+    wrong = D.sft_batches(prompts[:1], [other], tok, batch_size=1, seq_len=32, add_eos=False)
+    assert E.row_scores(model, wrong)[0][2] is False
+    rows = E.row_scores(model, batches)
+    assert [(s, c) for s, c, _ in rows] == E.row_nll_sums(model, batches)
+
+
 def test_mean_nll_matches_hf_loss_on_one_batch(model, tok):
     batch = D.lm_batches(["one unpadded row!", "and another row.."], tok, batch_size=2, seq_len=17)[0]
     assert (batch["attention_mask"] == 1).all()
