@@ -13,7 +13,7 @@ well above ``const_em``, and the skill (not only the format) grows with training
     python -m benchmarks.forgetting.pilot [--tasks a,b] [--steps N] [--lrs 1e-3,2e-3] [--n-eval N]
                                           [--output-dir DIR] [--name pilot]
 
-Writes ``<output-dir>/<name>.json`` (with provenance) and ``<name>.md`` after every task.
+Writes ``<output-dir>/<name>.json`` (with provenance) and ``<name>.md`` after every measurement.
 """
 
 from __future__ import annotations
@@ -74,8 +74,9 @@ def score(model, tokenizer, items: list[dict], max_new_tokens: int) -> dict:
                         for it, g in zip(items[:4], gens[:4])]}
 
 
-def run_task(task: str, base, tokenizer, args) -> dict:
-    """Base EM, then one plain-LoRA run per learning rate, on ``task``."""
+def run_task(task: str, base, tokenizer, args, out: dict, save) -> None:
+    """Base EM, then one plain-LoRA run per learning rate, on ``task``, filled into ``out``;
+    ``save()`` after each (a long run killed midway keeps what it measured)."""
     from lalora_curv.experiments.batching import num_label_tokens, reasoning_sft_batches
     from lalora_curv.experiments.data import default_task_config, format_prompt, reasoning_items
     from lalora_curv.experiments.models import add_lora
@@ -86,17 +87,18 @@ def run_task(task: str, base, tokenizer, args) -> dict:
     evals = reasoning_items(task, "eval", args.n_eval, seed=0)
     batches = reasoning_sft_batches(train, tokenizer, batch_size=args.batch_size, seq_len=args.seq_len,
                                     pad_to_longest=True)
-    common, count = collections.Counter(it["answer"] for it in train).most_common(1)[0]
-    out = {"task": task, "config": default_task_config(task), "n_train": n_train, "n_eval": len(evals),
-           "prompt_tokens_mean": statistics.fmean(len(tokenizer(format_prompt(tokenizer, it["prompt"]))["input_ids"])
-                                                  for it in evals),
-           "label_tokens_per_item": num_label_tokens(batches) / n_train,  # answer tokens + eos
-           "const_answer": common, "const_em": sum(it["answer"] == common for it in evals) / len(evals)}
+    common, _ = collections.Counter(it["answer"] for it in train).most_common(1)[0]
+    prompt_tokens = [len(tokenizer(format_prompt(tokenizer, it["prompt"]))["input_ids"]) for it in evals]
+    out.update({"task": task, "config": default_task_config(task), "n_train": n_train, "n_eval": len(evals),
+                "prompt_tokens_mean": statistics.fmean(prompt_tokens),
+                "label_tokens_per_item": num_label_tokens(batches) / n_train,  # answer tokens + eos
+                "const_answer": common, "const_em": sum(it["answer"] == common for it in evals) / len(evals),
+                "lora": {}})
     print(f"[{task}] {n_train} train items, {len(evals)} eval items, "
           f"{out['label_tokens_per_item']:.2f} label tokens/item; scoring the base model", flush=True)
     out["base"] = score(base, tokenizer, evals, args.max_new_tokens)
     print(f"[{task}] base EM {out['base']['em']:.3f} ({out['base']['eval_seconds']:.0f} s)", flush=True)
-    out["lora"] = {}
+    save()
     for lr in args.lrs:
         model = add_lora(copy.deepcopy(base), **LORA)
         res = finetune(model, batches, steps=args.steps, lr=lr, seed=0, max_grad_norm=1.0, progress=False)
@@ -108,12 +110,14 @@ def run_task(task: str, base, tokenizer, args) -> dict:
         print(f"[{task}] lr {lr:g}: EM {run['em']:.3f}, loss {run['loss_first']:.3f} -> {run['loss_last5']:.3f}, "
               f"train {run['train_seconds']:.0f} s, eval {run['eval_seconds']:.0f} s", flush=True)
         del model
-    return out
+        save()
 
 
 def markdown(payload: dict) -> str:
     rows = []
     for t in payload["tasks"].values():
+        if "base" in t and not t["lora"]:
+            rows.append([t["task"], t["base"]["em"], t["const_em"]] + ["-"] * 9)
         for lr, run in t["lora"].items():
             rows.append([t["task"], t["base"]["em"], t["const_em"], lr, run["em"], run["bare_number"],
                          f"{run['loss_first']:.2f} -> {run['loss_last5']:.2f}", run["steps"],
@@ -138,11 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
                "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "lora": LORA, "threads": torch.get_num_threads(), "machine": harness.machine_info("cpu"), "tasks": {}}
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    for task in args.tasks:
-        payload["tasks"][task] = run_task(task, base, tokenizer, args)
-        payload["provenance"] = [provenance.record()]  # written after every task: partial results survive
+
+    def save() -> None:
+        payload["provenance"] = [provenance.record()]
         harness.write_json(args.output_dir / f"{args.name}.json", payload)
         (args.output_dir / f"{args.name}.md").write_text(markdown(payload))
+
+    for task in args.tasks:
+        run_task(task, base, tokenizer, args, payload["tasks"].setdefault(task, {}), save)
     return payload
 
 
