@@ -15,7 +15,8 @@ only, never on ``seed`` or ``n``, so no seed can leak an eval synset or topic in
 ``seed`` only chooses and orders the returned sample.
 
 Target (what the model learns): reasoning-gym's ``gsm_symbolic`` (grade-school word problems from
-85 templates) and, as a simpler fallback, ``basic_arithmetic`` (:func:`reasoning_items`).
+85 templates) and short-answer tasks (``basic_arithmetic``, ``chain_sum``, ``products``,
+``leg_counting``; names and default configs in :mod:`.tasks`), see :func:`reasoning_items`.
 ``gsm_symbolic`` holds out whole templates: template ``t`` is eval iff
 ``t % GSM_EVAL_TEMPLATE_MODULUS == 0`` (17 of the 85 templates in reasoning-gym 0.1.25).
 
@@ -48,13 +49,12 @@ from .batching import (  # noqa: F401
     reasoning_sft_batches,
     sft_batches,
 )
+# task names and default configs live in tasks.py (re-exported here)
+from .tasks import BASIC_ARITHMETIC_CONFIG, REASONING_TASKS, TASK_CONFIGS, default_task_config  # noqa: F401
 
 EVAL_FRACTION = 0.2
 WORDNET_DIR = pathlib.Path("/usr/share/wordnet")
 GSM_EVAL_TEMPLATE_MODULUS = 5
-REASONING_TASKS = ("gsm_symbolic", "basic_arithmetic")
-# The fallback target is kept small (2-3 terms of 1-2 digits) so a 135M model can learn it.
-BASIC_ARITHMETIC_CONFIG = dict(min_terms=2, max_terms=3, min_digits=1, max_digits=2)
 
 # --------------------------------------------------------------------------------------------
 # Splits
@@ -433,24 +433,24 @@ def reasoning_items(task: str = "gsm_symbolic", split: str = "train", n: int = 1
 
     Each item: ``prompt`` (the raw question, before chat formatting; see :func:`format_prompt`),
     ``answer`` (the final number as a string), ``target`` (the supervised completion: the worked
-    solution ending ``#### <answer>`` for gsm_symbolic, the bare answer for basic_arithmetic),
+    solution ending ``#### <answer>`` for gsm_symbolic, the bare answer for the other tasks),
     ``template_id`` (gsm_symbolic; None otherwise), ``task``, ``index`` (index in the generator).
 
     Splits: ``gsm_symbolic`` holds out whole templates (:func:`gsm_template_split`). reasoning-gym
     has no argument to choose templates; item ``i`` of ``create_dataset("gsm_symbolic", seed=s)``
     uses template ``dataset.task_indices[i]`` (drawn by ``Random(s).choices``) and its own
     ``Random(s + i)``, so we walk the indices and keep those whose template is in ``split``.
-    ``basic_arithmetic`` (default config ``BASIC_ARITHMETIC_CONFIG``, overridable through
-    ``task_config``) has no templates; it is split by a hash of the question text, which also
-    keeps identical questions on one side.
+    The other tasks (default configs in ``TASK_CONFIGS``, e.g. ``BASIC_ARITHMETIC_CONFIG``,
+    overridable through ``task_config``) have no templates; they are split by a hash of
+    ``"<task>:<question text>"``, which also keeps identical questions on one side.
     """
     if task not in REASONING_TASKS:
-        raise ValueError(f"task must be one of {REASONING_TASKS}, got {task!r}")
+        raise ValueError(f"unknown target task {task!r}; known tasks: {', '.join(REASONING_TASKS)}")
     if split not in ("train", "eval"):
         raise ValueError(f"target split must be 'train' or 'eval', got {split!r}")
     import reasoning_gym
 
-    config = dict(BASIC_ARITHMETIC_CONFIG) if task == "basic_arithmetic" else {}
+    config = default_task_config(task)
     config.update(task_config)
     # Generating an item takes microseconds; a generous virtual size costs only the list of
     # template ids (prefixes of Random.choices are the same for any size).
@@ -474,19 +474,20 @@ def reasoning_items(task: str = "gsm_symbolic", split: str = "train", n: int = 1
         if raw["question"] in seen_questions:
             continue
         seen_questions.add(raw["question"])
-        target = _worked_solution(raw) if task == "gsm_symbolic" else str(raw["answer"])
-        items.append({"prompt": raw["question"], "answer": str(raw["answer"]), "target": target,
+        answer = str(raw["answer"]).strip()
+        target = _worked_solution(raw) if task == "gsm_symbolic" else answer
+        items.append({"prompt": raw["question"], "answer": answer, "target": target,
                       "template_id": template_id, "task": task, "index": index})
     if len(items) < n:
         raise ValueError(f"only {len(items)} {task} items found for split {split!r} in {size} draws, asked for {n}")
     return items
 
 
-
 __all__ = [
     "IGNORE_INDEX", "EVAL_FRACTION", "GSM_EVAL_TEMPLATE_MODULUS", "LEXFILE_NAMES", "Synset", "split_of",
     "parse_data_line", "read_wordnet", "synset_text", "wordnet_texts", "wordnet_mcq", "mcq_prompt",
     "pydoc_documents", "pydoc_paragraphs", "pydoc_texts", "source_texts", "gsm_template_split", "reasoning_items",
+    "REASONING_TASKS", "TASK_CONFIGS", "BASIC_ARITHMETIC_CONFIG", "default_task_config",
     "format_prompt",
     "format_target", "lm_batches", "sft_batches", "reasoning_sft_batches", "num_label_tokens",
 ]

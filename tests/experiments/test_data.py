@@ -204,6 +204,36 @@ def test_basic_arithmetic_split_by_question():
         D.reasoning_items("chess", "train", 2)
 
 
+@pytest.mark.parametrize("task", [t for t in D.REASONING_TASKS if t != "gsm_symbolic"])
+def test_short_answer_tasks_split_by_question_with_numeric_answers(task):
+    train = D.reasoning_items(task, "train", 120, seed=0)
+    evals = D.reasoning_items(task, "eval", 30, seed=0)
+    assert len(train) == 120 and len(evals) == 30  # n is honoured
+    assert len(D.reasoning_items(task, "eval", 7, seed=1)) == 7
+    assert not {i["prompt"] for i in train} & {i["prompt"] for i in evals}
+    for split, items in (("train", train), ("eval", evals)):
+        for item in items:
+            # the split is the hash rule on the question text, whatever the seed
+            assert (D.split_of(f"{task}:{item['prompt']}") == "eval") == (split == "eval")
+            assert item["target"] == item["answer"] and re.fullmatch(r"-?\d+", item["answer"])
+            assert item["task"] == task and item["template_id"] is None
+    assert D.reasoning_items(task, "eval", 30, seed=0) == evals
+
+
+def test_task_defaults_apply_and_can_be_overridden():
+    legs = D.reasoning_items("leg_counting", "train", 40, seed=0)
+    # default config: 1-2 kinds of animals, so at most one comma in the list
+    assert all(item["prompt"].split("if you have ")[1].count(",") <= 1 for item in legs)
+    products = D.reasoning_items("products", "train", 40, seed=0, max_digits=1)
+    assert all(int(item["answer"]) <= 81 for item in products)
+    assert D.default_task_config("chain_sum") is not D.TASK_CONFIGS["chain_sum"]  # callers get a copy
+
+
+def test_unknown_task_error_names_the_task():
+    with pytest.raises(ValueError, match="'gsm8k'.*known tasks: gsm_symbolic"):
+        D.reasoning_items("gsm8k", "train", 2)
+
+
 # --------------------------------------------------------------------------------------------
 # Prompt formatting
 # --------------------------------------------------------------------------------------------
