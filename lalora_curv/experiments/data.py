@@ -49,6 +49,7 @@ from .batching import (  # noqa: F401
     reasoning_sft_batches,
     sft_batches,
 )
+
 # task names and default configs live in tasks.py (re-exported here)
 from .tasks import BASIC_ARITHMETIC_CONFIG, REASONING_TASKS, TASK_CONFIGS, default_task_config  # noqa: F401
 
