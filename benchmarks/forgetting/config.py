@@ -192,35 +192,36 @@ def _preset(name: str) -> Config:
         return Config(preset=name, seeds=(), plain_seeds=(0, 1, 2), generate="plain", methods=[{"method": "lora"}],
                       settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "plain"},
                                 {"name": "qv", "target_modules": ["q_proj", "v_proj"], "methods": "plain"}])
-    # ---- ablations (the paper's): LaLoRA-kfac (+ plain LoRA as the reference) on all-linear
-    base = dict(seeds=(0, 1), plain_seeds=(0, 1), generate="none", **SMALL_TRAINING,
-                settings=[{"name": "all-linear", "target_modules": "all-linear", "methods": "all"}])
-    lam = [0.3, 1.0, 3.0]   # relative strengths (see _small_methods)
+    # ---- ablations (the paper's), in the main setting (q,v, chain_sum, same evaluation sets), 2 seeds:
+    # the paper's K-FAC, and where the question is about the penalty itself also diag (the best
+    # structure of the earlier runs) and L2, each at rel=1 unless the strength is what varies
+    base = {**MAIN, "seeds": (0, 1), "plain_seeds": (0, 1)}
+    one = [1.0]
     if name == "ablation_proxy_batches":
-        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": one,
                                            "proxy_batches": n} for n in (1, 2, 4, 8)]
-        return Config(preset=name, methods=methods, **base)
-    if name == "ablation_proxy_text":
-        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": lam,
+        return Config(preset=name, **{**base, "methods": methods})
+    if name == "ablation_proxy_text":  # transfer: curvature from pydoc, source scored on WordNet, and the reverse
+        methods = [{"method": "lora"}] + [{"method": "lalora", "structure": "kfac", "relative_strengths": one,
                                            "proxy_kind": k} for k in ("wordnet", "pydoc", "mix")]
-        return Config(preset=name, methods=methods, **base)
+        return Config(preset=name, **{**base, "methods": methods})
+    penalties = [{"method": "lora"}, {"method": "l2", "relative_strengths": one},
+                 {"method": "lalora", "structure": "kfac", "relative_strengths": one},
+                 {"method": "lalora", "structure": "diag", "relative_strengths": one}]
     if name == "ablation_rank":
-        settings = [{"name": f"all-linear-r{r}", "target_modules": "all-linear", "r": r, "alpha": 2 * r,
+        settings = [{"name": f"qv-r{r}", "target_modules": ["q_proj", "v_proj"], "r": r, "alpha": 2 * r,
                      "methods": "all"} for r in (4, 8, 16)]
-        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam}]
-        return Config(preset=name, methods=methods, **{**base, "settings": settings})
-    if name == "ablation_length":
-        steps = SMALL_TRAINING["steps"]
-        settings = [{"name": f"all-linear-{s}steps", "target_modules": "all-linear", "steps": s, "methods": "all"}
+        return Config(preset=name, **{**base, "methods": penalties, "settings": settings})
+    if name == "ablation_length":  # x4 steps; the 480 training items are cycled 4 times
+        steps = MAIN["steps"]
+        settings = [{"name": f"qv-{s}steps", "target_modules": ["q_proj", "v_proj"], "steps": s, "methods": "all"}
                     for s in (steps, 4 * steps)]
-        methods = [{"method": "lora"}, {"method": "lalora", "structure": "kfac", "relative_strengths": lam},
-                   {"method": "l2", "relative_strengths": lam}]
-        return Config(preset=name, methods=methods, **{**base, "settings": settings})
+        return Config(preset=name, **{**base, "methods": penalties, "settings": settings})
     if name == "ablation_lambda":
-        sweep = [10.0 ** k for k in range(-2, 3)]
+        sweep = [0.1, 0.3, 1.0, 3.0, 10.0]
         methods = [{"method": "lora"}, {"method": "l2", "relative_strengths": sweep},
-                   *({"method": "lalora", "structure": s, "relative_strengths": sweep} for s in STRUCTURES)]
-        return Config(preset=name, methods=methods, **base)
+                   *({"method": "lalora", "structure": s, "relative_strengths": sweep} for s in ("kfac", "diag"))]
+        return Config(preset=name, **{**base, "methods": methods})
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
 
 
