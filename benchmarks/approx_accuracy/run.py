@@ -242,7 +242,7 @@ def run_benchmark(preset: str | dict = "small", device: str | None = None, progr
     t_start = time.perf_counter()
     result: dict[str, Any] = {
         "benchmark": "approx_accuracy", "preset": cfg["preset"], "description": cfg["description"],
-        "machine": harness.machine_info(dev), "config": cfg, "parts": parts,
+        "device": dev.type, "machine": harness.machine_info(dev), "config": cfg, "parts": parts,
         "combos": {}, "crosscheck": [], "qf": [], "delta_w": [], "delta_w_reference": {}, "terms": [],
         "kfac_memory": [], "stabilization": None, "dense_layer": None, "skipped": [], "timings": {}, "notes": [],
     }

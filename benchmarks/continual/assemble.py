@@ -45,7 +45,8 @@ def assemble_payload(cfg: Config, names: list[str], runs: list[dict], calibratio
         for j, col in enumerate(r["columns"]):
             if j > 1:
                 r["columns"][j] = {k: v for k, v in col.items() if k != "samples"}
-    return {"benchmark": "continual", "preset": cfg.preset, "config": cfg.to_dict(),
+    return {"benchmark": "continual", "preset": cfg.preset, "device": str(machine.get("device")).split(":")[0],
+            "config": cfg.to_dict(),
             "model": model_label(cfg.model), "machine": machine, "provenance": provenance,
             "tasks": names, "data": data_info, "methods": method_info, "calibration": calibration,
             "base": dict(base), "matrices": matrices, "summary": summary,

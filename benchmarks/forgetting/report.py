@@ -25,7 +25,8 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provena
     ``provenance``: one record per part (process) that produced ``runs``."""
     summary = summarize(runs, base, cfg, (data or {}).get("splits"))
     payload = {
-        "benchmark": "forgetting", "preset": cfg.preset, "complete": final,
+        "benchmark": "forgetting", "preset": cfg.preset, "device": str(machine.get("device")).split(":")[0],
+        "complete": final,
         "model": model_label(cfg.model),
         "machine": machine, "provenance": provenance, "config": cfg.to_dict(), "config_digest": cfg.digest(),
         "notes": notes, "data": data, "timing": timing, "base": base,

@@ -52,7 +52,7 @@ def test_result_keys(smoke_result):
                 "delta_w_reference", "terms", "kfac_memory", "stabilization", "dense_layer", "skipped", "timings",
                 "notes"):
         assert key in r, key
-    assert r["benchmark"] == "approx_accuracy"
+    assert r["benchmark"] == "approx_accuracy" and r["device"] == "cpu"  # top level: what gpu_suite checks
     assert {"device", "versions", "timestamp_utc"} <= set(r["machine"])
     (prov,) = r["provenance"]
     assert prov["preset"] == "smoke" and prov["device"] == "cpu" and len(prov["commit"]) == 40

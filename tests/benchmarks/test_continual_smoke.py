@@ -17,6 +17,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert list(cfg.methods) == ["seq_lora", "filter_dlr", "filter_dlr+smooth"]
     payload = continual.run_benchmark(cfg, tmp_path, "cpu", log=lambda *_: None)
     assert payload["complete"] is True and payload["preset"] == "tiny"
+    assert payload["device"] == "cpu"  # top level: what gpu_suite checks
 
     for name in ("tiny.json", "tiny.md", "tiny_summary.png", "tiny_heatmap_seq_lora.png",
                  "tiny_heatmap_filter_dlr.png", "tiny_heatmap_filter_dlr_smooth.png"):

@@ -22,7 +22,7 @@ def test_tiny_preset_end_to_end(tmp_path):
     for key in ("machine", "config", "runs", "points", "tables", "forgetting_evidence", "base", "curvature",
                 "calibration", "timing", "data", "model"):
         assert key in data, key
-    assert data["complete"] is True
+    assert data["complete"] is True and data["device"] == "cpu"  # top level: what gpu_suite checks
     (prov,) = data["provenance"]  # this run: commit, clean/dirty tree, versions, command, start/end
     assert prov["preset"] == "tiny" and prov["finished_utc"] is not None and len(prov["commit"]) == 40
     assert data["data"]["disjoint_checked"] is True
