@@ -58,7 +58,7 @@ else
   PARTS=(
     "approx_accuracy|full|140|"
     "cost|full|140|--set warmup=1 --set repeats=3"
-    "forgetting|full|250|--set settings=[{\"name\":\"qv\",\"target_modules\":[\"q_proj\",\"v_proj\"],\"methods\":[\"L2\",\"LaLoRA-diag\",\"LaLoRA-kfac\",\"LaLoRA-kfac_delta_w\",\"migu\"]}] --set seeds=[0] --set plain_seeds=[0] --set steps=60 --set max_new_tokens=64"
+    "forgetting|main|250|--set seeds=[0] --set plain_seeds=[0]"
     "continual|full|130|--set seeds=[0] --set steps=32"
   )
 fi
