@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 import traceback
 
 from benchmarks.approx_accuracy.config import PRESETS, RESULTS_DIR
 from benchmarks.approx_accuracy.report import write_outputs
 from benchmarks.approx_accuracy.run import merge_results, run_benchmark
-from benchmarks.harness import benchmark_parser, print_presets, settings_from_args
+from benchmarks.harness import benchmark_parser, merge_from_args, print_presets, settings_from_args
 
 
 def main(argv=None) -> int:
@@ -24,12 +23,8 @@ def main(argv=None) -> int:
         print_presets(PRESETS)
         return 0
     if args.merge:
-        if not args.output_dir:
-            ap.error("--merge needs --output-dir")
-        try:
-            result = merge_results(args.merge)
-        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
-            print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        result = merge_from_args(ap, args, lambda: merge_results(args.merge))
+        if result is None:
             return 1
     else:
         settings = settings_from_args(ap, args, PRESETS)

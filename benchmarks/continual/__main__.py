@@ -12,6 +12,7 @@ from benchmarks.continual.report import rerender, write_outputs
 from benchmarks.continual.run import run_benchmark
 from benchmarks.harness import (
     benchmark_parser,
+    merge_from_args,
     parse_overrides,
     print_presets,
     resolve_device,
@@ -34,12 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         print_presets(PRESETS)
         return 0
     if args.merge:  # parts split by method (--set methods=[...]), each with <preset>.json
-        if not args.output_dir:
-            parser.error("--merge needs --output-dir")
-        try:
-            merged = merge_results(args.merge, name=f"{args.preset}.json")
-        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        merged = merge_from_args(parser, args, lambda: merge_results(args.merge, name=f"{args.preset}.json"))
+        if merged is None:
             return 1
         write_outputs(merged, args.output_dir)
         return 0

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import sys
-
 from benchmarks.cost.config import PRESETS, RESULTS_DIR
 from benchmarks.cost.report import write_outputs
 from benchmarks.cost.run import merge_results, run_benchmark
-from benchmarks.harness import benchmark_parser, fmt, print_presets, settings_from_args
+from benchmarks.harness import benchmark_parser, fmt, merge_from_args, print_presets, settings_from_args
 
 
 def main(argv=None) -> int:
@@ -26,12 +24,8 @@ def main(argv=None) -> int:
         return 0
     output_dir = args.output_dir or RESULTS_DIR
     if args.merge:
-        if not args.output_dir:
-            ap.error("--merge needs --output-dir")
-        try:
-            result = merge_results(args.merge)
-        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
-            print(f"{ap.prog}: error: {err}", file=sys.stderr)
+        result = merge_from_args(ap, args, lambda: merge_results(args.merge))
+        if result is None:
             return 1
     else:
         settings = settings_from_args(ap, args, PRESETS)

@@ -8,7 +8,7 @@ from benchmarks.forgetting.config import PRESETS, RESULTS_DIR, make_config
 from benchmarks.forgetting.merge import merge_results
 from benchmarks.forgetting.run import run_benchmark, try_baselines
 from benchmarks.forgetting.runs import expand_runs, family_of
-from benchmarks.harness import benchmark_parser, parse_overrides
+from benchmarks.harness import benchmark_parser, merge_from_args, parse_overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,14 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     args = parser.parse_args(argv)
     if args.merge:
-        if not args.output_dir:
-            parser.error("--merge needs --output-dir")
-        try:
-            merge_results(args.merge, args.output_dir)
-        except (ValueError, FileNotFoundError) as err:  # parts that do not belong together: say why, exit 1
-            print(f"{parser.prog}: error: {err}", file=sys.stderr)
-            return 1
-        return 0
+        return 0 if merge_from_args(parser, args, lambda: merge_results(args.merge, args.output_dir)) else 1
     if args.list_presets:
         for name in PRESETS:
             cfg = make_config(name)

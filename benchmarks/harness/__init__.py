@@ -11,7 +11,7 @@ merging of parts, and the shared table/plot helpers.
 * :mod:`.fitting` - the ``fit_curvature`` options each structure takes (from the registry).
 """
 
-from benchmarks.harness.cli import benchmark_parser, print_presets, settings_from_args
+from benchmarks.harness.cli import benchmark_parser, merge_from_args, print_presets, settings_from_args
 from benchmarks.harness.fitting import fit_options_for, structures_taking
 from benchmarks.harness.machine import (
                                         machine_info,
@@ -47,7 +47,8 @@ from benchmarks.harness.results import (
 from benchmarks.harness.timing import PeakMemory, Timing, measure, release_memory, sync
 
 __all__ = [
-    "benchmark_parser", "print_presets", "settings_from_args", "machine_info", "package_versions", "resolve_device",
+    "benchmark_parser", "merge_from_args", "print_presets", "settings_from_args", "machine_info", "package_versions",
+    "resolve_device",
     "resolve_dtype", "MODEL_LABELS", "load_base_model", "model_label", "random_shape_llama", "PresetTable",
     "apply_overrides", "parse_overrides", "Provenance", "legacy_provenance", "COLORS", "annotate_bars", "fmt",
     "fmt_bytes", "markdown_table", "plot_style", "save_figure", "check_mergeable", "load_result", "merge_parts",

@@ -5,6 +5,9 @@
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
 
 from benchmarks.harness.presets import PresetTable, parse_overrides
 
@@ -41,3 +44,16 @@ def settings_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace
 def print_presets(presets: PresetTable) -> None:
     for name in presets:
         print(f"{name:24s} {presets.describe(name)}")
+
+
+def merge_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace, merge: Callable[[], Any]) -> Any:
+    """``--merge`` as every benchmark's ``__main__`` handles it: ``--output-dir`` is required (a usage
+    error, exit 2); parts that do not belong together (``ValueError``) or are missing
+    (``FileNotFoundError``) print the reason and give ``None``, on which the caller exits 1."""
+    if not args.output_dir:
+        parser.error("--merge needs --output-dir")
+    try:
+        return merge()
+    except (ValueError, FileNotFoundError) as err:
+        print(f"{parser.prog}: error: {err}", file=sys.stderr)
+        return None

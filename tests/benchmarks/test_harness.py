@@ -189,3 +189,21 @@ def test_structures_taking_is_read_from_the_registry():
     assert structures_taking("seed") == STRUCTURES
     with pytest.raises(ValueError, match="bogus"):
         structures_taking("bogus")
+
+
+def test_merge_from_args_requires_an_output_dir_and_reports_bad_parts(capsys, tmp_path):
+    """The one ``--merge`` handler of every benchmark's ``__main__``."""
+    from benchmarks.harness import merge_from_args
+
+    parser = benchmark_parser("prog", "d", _table())
+    with pytest.raises(SystemExit) as exit_info:  # a usage error: exit 2, before any merging
+        merge_from_args(parser, parser.parse_args(["--merge", "a", "b"]), lambda: pytest.fail("merged"))
+    assert exit_info.value.code == 2 and "--merge needs --output-dir" in capsys.readouterr().err
+    args = parser.parse_args(["--merge", "a", "b", "--output-dir", str(tmp_path)])
+
+    def refuse():
+        raise ValueError("cannot merge: preset differs")
+
+    assert merge_from_args(parser, args, refuse) is None
+    assert "prog: error: cannot merge: preset differs" in capsys.readouterr().err
+    assert merge_from_args(parser, args, lambda: {"merged": 1}) == {"merged": 1}
