@@ -242,8 +242,8 @@ def _preset(name: str) -> Config:
     raise ValueError(f"unknown preset {name!r}; choose one of {PRESET_NAMES}")
 
 
-PRESET_NAMES = ("small", "main", "kfac_gap", "full", "tiny", "evidence", "ablation_proxy_batches", "ablation_proxy_text",
-                "ablation_rank", "ablation_length", "ablation_lambda")
+PRESET_NAMES = ("small", "main", "kfac_gap", "full", "tiny", "evidence", "ablation_proxy_batches",
+                "ablation_proxy_text", "ablation_rank", "ablation_length", "ablation_lambda")
 
 
 PRESETS = PresetTable("forgetting", {name: _preset(name) for name in PRESET_NAMES})
