@@ -16,6 +16,15 @@ import torch
 from benchmarks.forgetting.config import B0_INIT, RESULTS_DIR, Config
 from benchmarks.forgetting.data import Data, load_data, proxy_for, train_batches
 from benchmarks.forgetting.evaluation import base_scores, check_teacher_forced_em, evaluate
+from benchmarks.forgetting.refit import (
+    calibrate_refits,
+    calibration_key,
+    check_refit,
+    refit_after_of,
+    refit_curvature,
+    refit_pairs,
+    train_in_phases,
+)
 from benchmarks.forgetting.report import brief, write_outputs
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
 from benchmarks.harness import (
@@ -94,10 +103,15 @@ class Benchmark:
             self.baselines, self.lalora_on_init = None, None
             self.baselines_note = f"benchmarks.baselines not importable ({type(err).__name__}: {err})"
         self.runs, self.notes = expand_runs(cfg, self.baselines)
+        for run in self.runs:  # a refit_after that cannot be honoured fails before anything trains
+            setting = next(s for s in cfg.settings if s["name"] == run["setting"])
+            check_refit(run["id"], run["spec"], int(setting.get("steps", cfg.steps)), cfg.dropout)
         if self.baselines_note:
             self.notes.insert(0, self.baselines_note)
         self.curv_cache: dict = {}
         self.curv_info: dict = {}
+        self.refit_points: dict = {}      # refit curvature key -> the LoRA weights it was fitted at
+        self.plain_snapshots: dict = {}   # (setting, seed) -> {k: plain LoRA's weights after k steps}
         self.calibration: dict = {}
         self.plain_train_seconds: dict = {}   # (setting, seed) -> seconds: the cost of what reuses that run
         self.results: list[dict] = []
@@ -113,11 +127,13 @@ class Benchmark:
                 self.log(f"resume: {len(self.done)} finished runs reused")
 
     # ---------------------------------------------------------------- curvature
-    def curvature(self, model, run: dict, proxy_key: tuple, proxy: list[dict], structure: str):
-        """Curvature of ``structure`` for ``run``'s setting and seed, fitted once at the LoRA init."""
+    def curvature(self, model, run: dict, proxy_key: tuple, proxy: list[dict], structure: str, tag: tuple = ()):
+        """Curvature of ``structure`` for ``run``'s setting and seed, fitted once at the model's current
+        weights: the LoRA init, or (``tag``: ``("refit@k",)``) the warm-up point of
+        :func:`benchmarks.forgetting.refit.refit_curvature`."""
         from lalora_curv import fit_curvature
 
-        key = (run["setting"], run["seed"], structure, proxy_key)
+        key = (run["setting"], run["seed"], structure, proxy_key, *tag)
         if key not in self.curv_cache:
             t0 = time.perf_counter()
             kind = self.cfg.curvature_kind
@@ -192,6 +208,11 @@ class Benchmark:
             record.update(strength=run["strength"], relative=run["relative"])
         if run["method"] == "l2":
             penalty = L2Penalty(anchor=lora.snapshot(), strength=run["strength"], lora=lora)
+        switch_at = {}   # step -> what the penalty becomes after that step (refit_after; plain LoRA's snapshots)
+        if run["method"] == "lalora" and refit_after_of(spec) is not None:
+            switch_at = self._refit_switch(model, lora, run, data, tokenizer, info)
+        elif is_plain(run):
+            switch_at = self._snapshot_switches(lora, run, setting)
         elif run["method"] == "lalora":
             proxy_key, proxy = proxy_for(cfg, data, tokenizer, spec)
             curv = self.curvature(model, run, proxy_key, proxy, spec["structure"])
@@ -211,13 +232,18 @@ class Benchmark:
                         curvature_diag_mean=float(penalty.curv.diagonal().float().mean()))
 
         t_train = time.perf_counter()
-        # one loop for every method: a baseline whose trainable parameters are not LoRA (OSF) hands
-        # them to finetune(params=...)
-        res = finetune(model, batches, penalty=penalty, steps=steps, lr=lr, grad_accum=cfg.grad_accum, seed=seed,
-                       progress=self.progress, max_grad_norm=cfg.max_grad_norm, lora=lora if is_lora else None,
-                       params=None if is_lora else prepared.trainable_parameters())
-        hist = res.history
-        train_seconds = time.perf_counter() - t_train
+        if switch_at:  # the same finetune loop, in phases (benchmarks.forgetting.refit)
+            hist, train_seconds, penalty = train_in_phases(
+                model, batches, steps=steps, switch_at=switch_at, penalty=penalty, lr=lr, seed=seed, lora=lora,
+                grad_accum=cfg.grad_accum, max_grad_norm=cfg.max_grad_norm, progress=self.progress)
+        else:
+            # one loop for every method: a baseline whose trainable parameters are not LoRA (OSF) hands
+            # them to finetune(params=...)
+            res = finetune(model, batches, penalty=penalty, steps=steps, lr=lr, grad_accum=cfg.grad_accum, seed=seed,
+                           progress=self.progress, max_grad_norm=cfg.max_grad_norm, lora=lora if is_lora else None,
+                           params=None if is_lora else prepared.trainable_parameters())
+            hist = res.history
+            train_seconds = time.perf_counter() - t_train
         if prepared is not None:
             prepared.cleanup()
             if run["method"] == "baseline":
@@ -243,14 +269,43 @@ class Benchmark:
         record["cost"] = self.cost(run, record)
         return [record]
 
+    def _refit_switch(self, model, lora, run: dict, data: Data, tokenizer, info: dict) -> dict:
+        """``{k: build}`` for a LaLoRA-refit run: after ``k`` plain steps, ``build()`` fits the curvature at
+        the current weights and returns the Laplace penalty anchored at the init (the weights now)."""
+        from lalora_curv import LaplacePenalty
+
+        k, structure, anchor = refit_after_of(run["spec"]), run["spec"]["structure"], lora.snapshot()
+        proxy_key, proxy = proxy_for(self.cfg, data, tokenizer, run["spec"])
+
+        def build():
+            curv, curv_key = refit_curvature(self, model, lora, run, proxy_key, proxy, structure, k)
+            prior = prior_precision_for(curv, self.cfg.prior_rel)
+            info.update(prior_precision=prior, prior_rel=self.cfg.prior_rel, curvature_kind=curv.kind,
+                        proxy=list(proxy_key), refit_after=k, curvature_key=curv_key)
+            return LaplacePenalty(curv, anchor=anchor, strength=run["strength"], lora=lora, prior_precision=prior)
+
+        return {k: build}
+
+    def _snapshot_switches(self, lora, run: dict, setting: dict) -> dict:
+        """Plain LoRA in a setting with refit methods: keep its weights after each warm-up length (the
+        refit calibration's curvature point); the penalty stays None."""
+        snapshots = self.plain_snapshots.setdefault((run["setting"], run["seed"]), {})
+
+        def keep(k):
+            def snapshot():
+                snapshots[k] = lora.snapshot()
+            return snapshot
+
+        return {k: keep(k) for k in sorted({k for _, k in refit_pairs(self.cfg, setting)})}
+
     def cost(self, run: dict, record: dict) -> dict:
         """What a user pays for this grid point, in seconds: its training, its curvature fit (LaLoRA),
         and, for a relative strength, the plain LoRA run and the calibration it needs (both counted in
         full for every relative point, as a user tuning one method would pay them)."""
         parts = {"train": record["train_seconds"]}
-        if run["method"] == "lalora":
-            key = "|".join(map(str, (run["setting"], run["seed"], run["spec"]["structure"],
-                                     tuple(record["info"]["proxy"]))))
+        if run["method"] == "lalora":  # a refit run: the fit at its warm-up point
+            key = record["info"].get("curvature_key") or "|".join(map(str, (
+                run["setting"], run["seed"], run["spec"]["structure"], tuple(record["info"]["proxy"]))))
             parts["curvature_fit"] = self.curv_info.get(key, {}).get("fit_seconds", 0.0)
         elif run["method"] == "lalora_on_init":
             parts["curvature_fit"] = record["info"].get("curvature_fit_seconds", 0.0)
@@ -268,6 +323,8 @@ class Benchmark:
         (the on-init curvature is fitted elsewhere, so its ``rel=1`` is only roughly "penalty = task")."""
         key = f"{run['setting']}/s{run['seed']}"
         penalty = "l2" if run["method"] == "l2" else run["spec"]["structure"]
+        if run["method"] == "lalora" and refit_after_of(run["spec"]) is not None:  # fitted after the warm-up
+            penalty = calibration_key(penalty, refit_after_of(run["spec"]))
         cal = self.calibration.get(key, {}).get(penalty)
         if not cal or not cal.get("lam_ratio1"):
             raise RuntimeError(f"{run['id']}: relative strength needs the calibration of {key} for {penalty!r}; "
@@ -305,7 +362,7 @@ class Benchmark:
             # only what this setting runs: a curvature fit costs up to a minute on CPU
             structures = sorted({s["structure"] for s in self.cfg.methods if s["method"] in ("lalora", "lalora_on_init")
                                  and "proxy_batches" not in s and "proxy_kind" not in s
-                                 and setting_allows(setting, s)})
+                                 and refit_after_of(s) is None and setting_allows(setting, s)})
         for structure in structures:
             proxy_key, proxy = proxy_for(self.cfg, data, tokenizer, {})
             curv = self.curvature(init_model, run, proxy_key, proxy, structure)
@@ -315,6 +372,7 @@ class Benchmark:
             out[structure] = {"q": q, "lam_ratio1": 2 * task / q if q > 0 else None}
         del init_model
         _set_params(model, trained)
+        out.update(calibrate_refits(self, model, lora, run, setting, data, tokenizer, anchor, trained, task))
         # the fits made here are the runs' own curvatures (cached), counted in their cost once
         out["seconds"] = (time.perf_counter() - t_start
                           - (sum(v["fit_seconds"] for v in self.curv_info.values()) - fit_before))

@@ -25,7 +25,9 @@ def family_of(spec: dict) -> str:
         return "L2"
     if m == "lalora":
         extra = "".join(f" {k}={spec[k]}" for k in ("proxy_batches", "proxy_kind") if k in spec)
-        return f"LaLoRA-{spec['structure']}{extra}"
+        # curvature refitted after a plain warm-up of k steps (benchmarks.forgetting.refit)
+        refit = f" refit@{spec['refit_after']}" if spec.get("refit_after") is not None else ""
+        return f"LaLoRA-{spec['structure']}{refit}{extra}"
     if m == "baseline":
         return spec["name"]
     if m == "lalora_on_init":
