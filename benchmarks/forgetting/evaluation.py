@@ -38,8 +38,12 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
     def text_set(rows):
         return {"nll_sum": [s for s, _ in rows], "tokens": [c for _, c in rows]}
 
+    def rows_of(batches):  # per-row scores in the original order, computed in length order
+        batches, order = length_sorted(batches, cfg.eval_batch_size)
+        return unsort(E.row_scores(model, batches), order)
+
     for kind, batches in data.text_eval.items():
-        scores[f"src_text_{kind}"] = text_set(E.row_nll_sums(model, batches))
+        scores[f"src_text_{kind}"] = text_set([(s, c) for s, c, _ in rows_of(batches)])
     scores["proxy_text"] = text_set(E.row_nll_sums(model, data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]))
     for name, items in (("src_mcq", data.mcq_eval), ("proxy_mcq", data.mcq_proxy)):
         if cfg.mcq_impl == "fast":
@@ -50,7 +54,7 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
             s = E.mcq_scores(model, tokenizer, items, batch_size=cfg.eval_batch_size)
         scores[name] = s["item_scores"]
     t1 = time.perf_counter()
-    target_rows = E.row_scores(model, data.target_batches)
+    target_rows = rows_of(data.target_batches)
     scores["tgt"] = text_set([(s, c) for s, c, _ in target_rows])
     t2 = time.perf_counter()
     generations = None
@@ -97,6 +101,39 @@ def check_teacher_forced_em(model, tokenizer, cfg: Config, data: Data, n: int = 
     return {"n_items": len(items), "agree": sum(a == b for a, b in zip(forced, generated)),
             "teacher_forced_em": sum(forced), "generated_em": sum(generated),
             "ok": forced == generated}
+
+
+def length_sorted(batches: list[dict], batch_size: int) -> tuple[list[dict], list[int]]:
+    """The rows of right-padded ``batches`` re-batched in order of length (each batch padded to its
+    longest row), and ``order``: new row ``i`` is old row ``order[i]``.
+
+    Scores do not depend on which rows share a batch (padding is masked and unlabelled), but the
+    time does: mixed lengths waste most of a batch on padding. Same rows, same per-row scores,
+    once put back with :func:`unsort`."""
+    rows = []
+    for b in batches:
+        lengths = b["attention_mask"].sum(1).tolist()
+        for i, n in enumerate(lengths):
+            if not bool(b["attention_mask"][i, :n].all()):
+                raise ValueError("length_sorted needs right-padded rows (attention mask 1...1 0...0)")
+            rows.append({k: v[i, :n] for k, v in b.items()})
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    out = []
+    for start in range(0, len(order), batch_size):
+        chunk = [rows[i] for i in order[start:start + batch_size]]
+        width = max(len(r["input_ids"]) for r in chunk)
+        fill = {"input_ids": 0, "attention_mask": 0, "labels": -100}
+        out.append({k: torch.stack([torch.nn.functional.pad(r[k], (0, width - len(r[k])), value=fill[k])
+                                    for r in chunk]) for k in chunk[0]})
+    return out, order
+
+
+def unsort(values: list, order: list[int]) -> list:
+    """``values`` of length-sorted rows back in the original row order."""
+    out = [None] * len(values)
+    for new, old in enumerate(order):
+        out[old] = values[new]
+    return out
 
 
 def _base_cache_key(cfg: Config, data: Data) -> str:

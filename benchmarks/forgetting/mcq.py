@@ -94,9 +94,13 @@ def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str =
     model.eval()
     try:
         rows = _rows(tokenizer, items, separator)
-        results = []
+        # batches of similar length waste little on padding; results go back to the items' order
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + sum(len(c) for c in rows[i][1]))
+        results = [None] * len(rows)
         for start in range(0, len(rows), batch_size):
-            results.extend(_choice_logliks(model, rows[start:start + batch_size], _pad_id(tokenizer)))
+            chunk = order[start:start + batch_size]
+            for i, res in zip(chunk, _choice_logliks(model, [rows[i] for i in chunk], _pad_id(tokenizer))):
+                results[i] = res
     finally:
         model.train(was_training)
     return mcq_summary(items, results)

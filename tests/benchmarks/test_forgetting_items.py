@@ -145,3 +145,30 @@ def test_summarize_with_split_attaches_paired_intervals():
     for r in legacy:
         del r["items"]
     assert summarize(legacy, base, cfg, splits)["selection"] == "same items"
+
+
+def test_length_sorted_scoring_gives_the_same_rows_with_less_padding():
+    """Re-batching rows by length changes the time, not the per-row scores, which go back in order."""
+    import torch
+
+    from benchmarks.forgetting.evaluation import length_sorted, unsort
+    from lalora_curv.experiments import data as D
+    from lalora_curv.experiments import evaluation as E
+    from lalora_curv.experiments.models import tiny_llama, tiny_tokenizer
+
+    tok, model = tiny_tokenizer(), tiny_llama(seed=3)
+    texts = ["a b", "a much longer text than the others here", "mid length text", "xy z", "another long one, yes",
+             "q"  * 3]
+    batches = D.lm_batches(texts, tok, batch_size=3, seq_len=64, pad_to_longest=True)
+    sorted_batches, order = length_sorted(batches, 3)
+    assert sorted(order) == list(range(6))
+    padding = [sum(int((b["attention_mask"] == 0).sum()) for b in bs) for bs in (batches, sorted_batches)]
+    assert padding[1] < padding[0]
+    plain = E.row_scores(model, batches)
+    again = unsort(E.row_scores(model, sorted_batches), order)
+    for (s1, c1, g1), (s2, c2, g2) in zip(plain, again):
+        assert c1 == c2 and g1 == g2 and abs(s1 - s2) < 1e-4
+    left = {k: v.clone() for k, v in batches[0].items()}
+    left["attention_mask"] = torch.flip(left["attention_mask"], [1])
+    with pytest.raises(ValueError, match="right-padded"):
+        length_sorted([left], 2)
