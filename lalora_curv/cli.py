@@ -373,12 +373,23 @@ def relative_strength(penalty, task_loss: float, relative: float) -> float:
 
 
 def cmd_demo(args) -> int:
+    import datetime
+
     import lalora_curv as lc
 
-    from .experiments.pipeline import Stopwatch, attach_lora, build_penalty, evaluate, load_base_model, make_data
+    from .experiments.pipeline import (
+        Stopwatch,
+        attach_lora,
+        build_penalty,
+        evaluate,
+        load_base_model,
+        make_data,
+        run_record,
+    )
     from .training import finetune
 
     clock = Stopwatch()
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     cfg = _config(args)
     lam_relative = DEMO_LAM_RELATIVE if args.lam_relative is None else args.lam_relative
     prior = DEMO_PRIOR_PRECISION if args.prior_precision is None else args.prior_precision
@@ -427,7 +438,8 @@ def cmd_demo(args) -> int:
                                     "prior_precision": prior, "structure": args.structure,
                                     "curvature_nbytes": curv.nbytes, "seconds": clock(),
                                     "model_note": "SmolLM2-135M-Instruct dequantized from Q4_1 GGUF"
-                                    if cfg.model is None else cfg.model})
+                                    if cfg.model is None else cfg.model,
+                                    "provenance": run_record(started, str(next(model.parameters()).device))})
     (out / "demo.md").write_text(table + "\n")
     png = _demo_plot(rows, out / "demo.png")
     print(f"\n[demo] done in {clock():.0f} s; wrote {out / 'demo.json'}, {out / 'demo.md'}, {png}")

@@ -60,6 +60,9 @@ def test_demo_writes_table_plot_and_json(tiny_dir, tmp_path):
     assert "target_exact_match" not in result["rows"]["LoRA"]  # the demo skips generation unless --exact-match
     assert (out / "demo.png").stat().st_size > 10_000
     assert (out / "demo.md").read_text().startswith("| model |")
+    prov = result["provenance"]  # the code and environment the committed demo.json came from
+    assert len(prov["commit"]) == 40 and isinstance(prov["dirty"], bool) and prov["device"] == "cpu"
+    assert set(prov["versions"]) == {"torch", "transformers", "peft"} and prov["finished_utc"] >= prov["started_utc"]
 
 
 def run_cli(*argv: str, via: str = "module", env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

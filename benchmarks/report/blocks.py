@@ -398,7 +398,9 @@ def demo_table(root: Path) -> str:
     rows = [[name] + ["-" if r.get(k) is None else (f"{100 * r[k]:.1f} %" if METRICS[k][1] else f"{r[k]:.4f}")
                       for k in keys] for name, r in rows_in.items()]
     lam = payload.get("lam")
-    note = (f"<sub>From `{DEMO}`: structure `{payload.get('structure')}`, strength "
+    prov = payload.get("provenance") or {}
+    made = f"commit `{prov['commit'][:12]}`{' (dirty)' if prov.get('dirty') else ''}, " if prov.get("commit") else ""
+    note = (f"<sub>From `{DEMO}`: {made}structure `{payload.get('structure')}`, strength "
             f"{'-' if lam is None else f'{lam:.3g}'} ({payload.get('lam_source')}), {payload.get('model_note')}, "
             f"{payload.get('seconds', 0):.0f} s.</sub>\n\n")
     return note + markdown_table(["model"] + [METRICS[k][0] + (" ↑" if METRICS[k][1] else " ↓") for k in keys], rows)
