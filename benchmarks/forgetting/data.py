@@ -57,8 +57,9 @@ def load_data(cfg: Config, tokenizer) -> Data:
     """Draw every sample once (seeded by ``cfg.data_seed``)."""
     from lalora_curv.experiments import data as D
 
-    train = D.reasoning_items(cfg.target_task, "train", n=cfg.n_train, seed=cfg.data_seed)
-    target_eval = D.reasoning_items(cfg.target_task, "eval", n=cfg.n_target_eval, seed=cfg.data_seed)
+    train = D.reasoning_items(cfg.target_task, "train", n=cfg.n_train, seed=cfg.data_seed, **cfg.target_task_config)
+    target_eval = D.reasoning_items(cfg.target_task, "eval", n=cfg.n_target_eval, seed=cfg.data_seed,
+                                    **cfg.target_task_config)
     mcq_eval = D.wordnet_mcq("eval", n=cfg.n_mcq, seed=cfg.data_seed)
     mcq_proxy = D.wordnet_mcq("proxy", n=cfg.n_mcq_proxy, seed=cfg.data_seed)
     n_wn = cfg.n_source_eval // 2

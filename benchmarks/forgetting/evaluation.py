@@ -20,13 +20,20 @@ from benchmarks.harness import (
 # Evaluation
 # ============================================================================================
 
-def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progress: bool = False) -> dict:
+#: evaluation sets that do not depend on the target task (a base model's scores on them can be reused)
+SOURCE_SETS = ("src_text_wordnet", "src_text_pydoc", "proxy_text", "src_mcq", "proxy_mcq")
+
+
+def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progress: bool = False,
+             known: dict | None = None) -> dict:
     """All scores of ``model``: a flat dict of metrics (``None`` where not measured; lower NLL is
     better), each on the whole set and on its ``_val`` / ``_test`` half, ``n_items`` per set, and
     under ``"items"`` the per-item scores they come from (see :mod:`benchmarks.forgetting.items`).
 
     ``src_text_nll`` = mean of the WordNet and pydoc held-out NLLs (each a token mean), so both
     sources weigh the same; ``proxy_text_nll`` = NLL on the curvature's own proxy batches.
+    ``known``: per-item scores of source sets already computed for this very model and data (the
+    base model's, cached); those sets are not scored again.
     """
     from benchmarks.forgetting.items import metrics_from_scores, rounded
     from lalora_curv.experiments import evaluation as E
@@ -42,10 +49,16 @@ def evaluate(model, tokenizer, cfg: Config, data: Data, *, generate: bool, progr
         batches, order = length_sorted(batches, cfg.eval_batch_size)
         return unsort(E.row_scores(model, batches), order)
 
+    known = {k: v for k, v in (known or {}).items() if k in SOURCE_SETS}
+    scores.update(known)
     for kind, batches in data.text_eval.items():
-        scores[f"src_text_{kind}"] = text_set([(s, c) for s, c, _ in rows_of(batches)])
-    scores["proxy_text"] = text_set(E.row_nll_sums(model, data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]))
+        if f"src_text_{kind}" not in known:
+            scores[f"src_text_{kind}"] = text_set([(s, c) for s, c, _ in rows_of(batches)])
+    if "proxy_text" not in known:
+        scores["proxy_text"] = text_set(E.row_nll_sums(model, data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]))
     for name, items in (("src_mcq", data.mcq_eval), ("proxy_mcq", data.mcq_proxy)):
+        if name in known:
+            continue
         if cfg.mcq_impl == "fast":
             from benchmarks.forgetting.mcq import fast_mcq_scores
 
@@ -146,6 +159,17 @@ def _base_cache_key(cfg: Config, data: Data) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def source_cache_key(cfg: Config, data: Data) -> str:
+    """What the base model's scores on :data:`SOURCE_SETS` depend on (not the target task)."""
+    blob = json.dumps({"format": "per-item source scores (1)", "model": cfg.model, "dtype": cfg.dtype,
+                       "splits": {k: v for k, v in data.splits.items() if k in SOURCE_SETS},
+                       "mcq": [data.mcq_eval, data.mcq_proxy, cfg.mcq_impl],
+                       "text": [b["input_ids"].tolist() for v in data.text_eval.values() for b in v],
+                       "proxy": [b["input_ids"].tolist() for b in data.proxy[(cfg.proxy_kind, cfg.proxy_batches)]],
+                       "versions": _versions_key()}, sort_keys=True, default=str)
+    return "source-" + hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
 def _versions_key() -> dict:
     import transformers
 
@@ -164,8 +188,11 @@ def base_scores(model, tokenizer, cfg: Config, data: Data, cache_path: Path | No
             cache = {}
         if key in cache:
             return cache[key], True
-    scores = evaluate(model, tokenizer, cfg, data, generate=generate, progress=False)
+    source_key = f"{source_cache_key(cfg, data)}-{device.type}"
+    # the source sets' scores are shared by every target task and preset on the same source data
+    scores = evaluate(model, tokenizer, cfg, data, generate=generate, progress=False, known=cache.get(source_key))
     if cache_path is not None:
         cache[key] = scores
+        cache[source_key] = {k: v for k, v in scores["items"].items() if k in SOURCE_SETS}
         write_json(cache_path, cache)
     return scores, False

@@ -268,3 +268,31 @@ def test_teacher_forced_exact_match_agrees_with_generation(tmp_path):
     with pytest.raises(ValueError, match="em_mode must be"):
         forgetting.run_benchmark(forgetting.make_config("tiny", overrides={"em_mode": "parsed"}), tmp_path / "x",
                                  "cpu", progress=False, log=lambda *_: None)
+
+
+def test_base_source_scores_are_reused_across_target_tasks(tmp_path):
+    """The base model's source-set scores are cached apart from the target's: another target task on
+    the same source data scores only its target sets and reuses the cached source items as stored."""
+    import torch
+
+    from benchmarks.forgetting.data import load_data
+    from benchmarks.forgetting.evaluation import SOURCE_SETS, base_scores, source_cache_key
+    from benchmarks.harness import load_base_model
+
+    model, tok = load_base_model("tiny", device=torch.device("cpu"))
+    cache = tmp_path / "cache.json"
+    cfg = forgetting.make_config("tiny", overrides={"em_mode": "teacher_forced"})
+    data = load_data(cfg, tok)
+    first, cached = base_scores(model, tok, cfg, data, cache, False, torch.device("cpu"))
+    assert not cached
+    stored = json.loads(cache.read_text())
+    key = f"{source_cache_key(cfg, data)}-cpu"
+    assert set(stored[key]) == set(SOURCE_SETS)
+    stored[key]["src_mcq"]["correct"] = [1] * len(stored[key]["src_mcq"]["correct"])  # a marker: reused, not rescored
+    cache.write_text(json.dumps(stored))
+    other = forgetting.make_config("tiny", overrides={"em_mode": "teacher_forced", "target_task": "chain_sum"})
+    other_data = load_data(other, tok)
+    assert source_cache_key(other, other_data) == source_cache_key(cfg, data)
+    second, cached = base_scores(model, tok, other, other_data, cache, False, torch.device("cpu"))
+    assert not cached and second["src_mcq_acc"] == 1.0
+    assert second["items"]["tgt"] != first["items"]["tgt"]  # the new target was scored
