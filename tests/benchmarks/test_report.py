@@ -83,13 +83,20 @@ def test_unknown_block_name_is_an_error(tmp_path):
 
 def test_demo_placeholder_is_rendered_once_its_json_is_committed(tmp_path):
     import json
+    import re
 
     root = _copy_repo_pages(tmp_path)
     readme = root / "README.md"
-    assert "<!-- report:demo (no committed JSON yet" in readme.read_text()
-    assert check_pages(root) == []  # no demo JSON: the hand table stays, the check passes
+    # the state before a demo JSON was committed: a placeholder over a hand-written table
+    hand = ("<!-- report:demo (no committed JSON yet) -->\n| model | x |\n|---|---|\n"
+            "| LaLoRA (kfac, λ=210, prior 1e-3) | 1 |\n")
+    text, n = re.subn(r"<!-- report:demo -->\n.*?<!-- /report:demo -->\n", lambda _: hand, readme.read_text(),
+                      flags=re.DOTALL)
+    assert n == 1
+    readme.write_text(text)
     demo = root / "benchmarks/results/demo/demo.json"
-    demo.parent.mkdir(parents=True)
+    demo.unlink()
+    assert check_pages(root) == []  # no demo JSON: the hand table stays, the check passes
     rows = {"base model": {"source_nll": 3.25, "mcq_accuracy": 0.5, "target_nll": 1.5},
             "LoRA": {"source_nll": 3.3, "mcq_accuracy": 0.25, "target_nll": 1.25}}
     demo.write_text(json.dumps({"rows": rows, "lam": 210.0, "lam_source": "--lam", "structure": "kfac",
