@@ -45,11 +45,13 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total)
 
 
-def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
+                    with_hits: bool = False) -> tuple[torch.Tensor, ...]:
     """Log-probabilities of the shifted labels and the mask of real terms, both ``(B, T - 1)``.
 
     Entry ``[b, t]`` is ``log p(labels[b, t + 1] | tokens <= t)``; it is 0 where the label is -100.
+    With ``with_hits`` a third ``(B, T - 1)`` tensor: whether the arg-max token is the label (True
+    where there is no label).
     """
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     targets = labels[:, 1:]
@@ -57,6 +59,8 @@ def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
     # Flattened (N, V) rows: cross_entropy on a (B, V, T) transposed view is far slower.
     nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.masked_fill(~mask, 0).reshape(-1),
                           reduction="none")
+    if with_hits:
+        return -nll.view(targets.shape) * mask, mask, (logits.argmax(-1) == targets) | ~mask
     return -nll.view(targets.shape) * mask, mask
 
 
@@ -91,14 +95,9 @@ def row_scores(model, batches: Iterable[dict[str, torch.Tensor]]) -> list[tuple[
             input_ids = batch["input_ids"].to(device)
             attention_mask = batch.get("attention_mask")
             attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-            labels = batch["labels"].to(device)
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
-            targets = labels[:, 1:]
-            mask = targets != IGNORE_INDEX
-            nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                  targets.masked_fill(~mask, 0).reshape(-1), reduction="none").view(targets.shape)
-            hit = (logits.argmax(-1) == targets) | ~mask
-            rows.extend(zip((nll * mask).sum(1).tolist(), mask.sum(1).tolist(), hit.all(1).tolist()))
+            logprobs, mask, hits = _token_logprobs(model, input_ids, attention_mask, batch["labels"].to(device),
+                                                   with_hits=True)
+            rows.extend(zip((-logprobs.sum(1)).tolist(), mask.sum(1).tolist(), hits.all(1).tolist()))
     return [(float(s), int(c), bool(g)) for s, c, g in rows]
 
 
