@@ -116,12 +116,14 @@ class Benchmark:
         self.plain_train_seconds: dict = {}   # (setting, seed) -> seconds: the cost of what reuses that run
         self.results: list[dict] = []
         self.done: dict = {}
+        self.resumed_em_check = None   # the teacher-forced EM check of the finished plain LoRA run
         if resume and (self.out / "results.json").exists():
             old = json.loads((self.out / "results.json").read_text())
             if old.get("config_digest") == cfg.digest():
                 self.done = {r["id"]: r for r in old.get("runs", [])}
                 self.curv_info = old.get("curvature", {})
                 self.calibration = old.get("calibration", {})
+                self.resumed_em_check = (old.get("data") or {}).get("em_check")
                 if self.done:
                     self.earlier_provenance = old.get("provenance") or legacy_provenance(old)
                 self.log(f"resume: {len(self.done)} finished runs reused")
@@ -411,6 +413,8 @@ class Benchmark:
         self.base = base
         self.timing = {"load_model_s": load_seconds, "data_s": data_seconds,
                        "base_eval_s": 0.0 if cached else time.perf_counter() - t0, "base_eval_cached": cached}
+        if self.resumed_em_check is not None:
+            data.info.setdefault("em_check", self.resumed_em_check)
         self.data_info = data.info
         plain_state: dict = {}
         bar = None
@@ -418,9 +422,11 @@ class Benchmark:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(self.runs), desc="runs", unit="run")
-        for run in self.runs:
-            if run["id"] in self.done and not is_plain(run):
+        for i, run in enumerate(self.runs):
+            if run["id"] in self.done and not (is_plain(run) and self.plain_model_needed(run, self.runs[i + 1:])):
                 self.results.append(self.done[run["id"]])
+                if is_plain(run):  # what reuses this run still counts its training in its cost
+                    self.plain_train_seconds[(run["setting"], run["seed"])] = self.done[run["id"]]["train_seconds"]
             else:
                 records = self.run_one(base_model, tokenizer, data, run, plain_state)
                 self.results.extend(records)
@@ -440,6 +446,18 @@ class Benchmark:
             bar.close()
         self.timing["total_s"] = time.perf_counter() - t_start
         return self.write(final=True)
+
+    def plain_model_needed(self, plain: dict, later: list[dict]) -> bool:
+        """Whether a resumed run must train ``plain`` LoRA again: a later, unfinished run of its setting
+        and seed needs its trained model (intruders post-process it; refit runs need its warm-up
+        snapshots), or a relative strength needs a calibration that was not saved. Otherwise the
+        finished record (and its calibration) is reused, which saves a whole run per resume."""
+        key = (plain["setting"], plain["seed"])
+        pending = [r for r in later if (r["setting"], r["seed"]) == key and r["id"] not in self.done]
+        calibrated = f"{plain['setting']}/s{plain['seed']}" in self.calibration
+        return any((r["method"] == "baseline" and r["spec"]["name"] == "intruders")
+                   or (r["method"] == "lalora" and refit_after_of(r["spec"]) is not None)
+                   or ("relative" in r and not calibrated) for r in pending)
 
     # ---------------------------------------------------------------- outputs
     def write(self, final: bool) -> dict:

@@ -63,15 +63,50 @@ def test_tiny_preset_end_to_end(tmp_path):
     kfac_line = next(line for line in table.splitlines() if line.startswith("| LaLoRA-kfac"))
     assert kfac_line.count("[") == 4 and "validation half" in table
 
-    # a resumed run reuses the cached base-model evaluation and the finished runs (plain LoRA reruns:
-    # calibration needs its model), and keeps the provenance of the process that made them
+    # a resumed run reuses the cached base-model evaluation and every finished run, plain LoRA included
+    # (its calibration was saved and nothing left needs its model), and keeps the provenance of the
+    # process that made them
     payload2 = forgetting.run_benchmark(forgetting.make_config("tiny"), tmp_path, "cpu", progress=False, resume=True,
                                         log=lambda *_: None)
     assert payload2["timing"]["base_eval_cached"] is True
     assert payload2["base"] == payload["base"]
-    assert [r["metrics"] for r in payload2["runs"] if r["method"] != "lora"] == \
-        [r["metrics"] for r in data["runs"] if r["method"] != "lora"]
+    assert payload2["runs"] == data["runs"]  # the same records, timings and costs included: nothing retrained
+    assert payload2["calibration"] == data["calibration"] and payload2["data"] == data["data"]
     assert payload2["provenance"][0] == data["provenance"][0] and len(payload2["provenance"]) == 2
+
+
+def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path):
+    """A relative strength needs the calibration at plain LoRA's solution: when an unfinished run needs
+    one that was not saved, plain LoRA trains again first; when it was saved, nothing retrains."""
+    def config():
+        cfg = forgetting.make_config("tiny")
+        cfg.methods = [{"method": "lora"}, {"method": "l2", "relative_strengths": [1.0]}]
+        return cfg
+
+    def resume():
+        return forgetting.run_benchmark(config(), tmp_path, "cpu", progress=False, resume=True, log=lambda *_: None)
+
+    def by_method(payload):
+        return {r["method"]: r for r in payload["runs"]}
+
+    first = forgetting.run_benchmark(config(), tmp_path, "cpu", progress=False, log=lambda *_: None)
+    saved = json.loads((tmp_path / "results.json").read_text())
+
+    # L2 unfinished, its calibration saved: plain LoRA is reused, L2 runs at the saved strength
+    (tmp_path / "results.json").write_text(json.dumps({**saved, "runs": saved["runs"][:1]}))
+    again = by_method(resume())
+    assert again["lora"] == by_method(saved)["lora"]
+    assert again["l2"]["strength"] == pytest.approx(by_method(first)["l2"]["strength"])
+    assert again["l2"]["cost"]["calibration_plain_lora_run"] == again["lora"]["train_seconds"]
+
+    # L2 unfinished and no calibration saved: plain LoRA trains again and calibrates
+    (tmp_path / "results.json").write_text(json.dumps({**saved, "runs": saved["runs"][:1], "calibration": {}}))
+    payload = resume()
+    retrained = by_method(payload)
+    assert retrained["lora"]["seconds"] != by_method(saved)["lora"]["seconds"]
+    assert "l2" in payload["calibration"]["qv/s0"]
+    assert retrained["l2"]["strength"] == pytest.approx(by_method(first)["l2"]["strength"], rel=1e-4)
+    assert retrained["l2"]["cost"]["calibration_plain_lora_run"] == retrained["lora"]["train_seconds"]
 
 
 def test_small_preset_runs_and_tables():
