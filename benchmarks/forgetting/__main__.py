@@ -19,6 +19,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="number of run seeds (plain LoRA gets at least as many)")
     parser.add_argument("--only", default=None, help="comma-separated method families to keep (e.g. LoRA,L2)")
     parser.add_argument("--resume", action="store_true", help="reuse finished runs of an identical config")
+    parser.add_argument("--reuse", nargs="+", default=None, metavar="DIR",
+                        help="result folders whose finished runs stand in for runs here that would train and "
+                             "evaluate identically (e.g. the main preset's parts for an ablation)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--dry-run", action="store_true", help="print the runs and exit")
     args = parser.parse_args(argv)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(runs)} runs; notes: {notes}")
         return 0
     run_benchmark(cfg, args.output_dir or RESULTS_DIR / cfg.preset, args.device or "auto",
-                  progress=not args.no_progress, resume=args.resume)
+                  progress=not args.no_progress, resume=args.resume, reuse=args.reuse)
     return 0
 
 

@@ -92,6 +92,14 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+
+def lora_kwargs(cfg: Config, setting: dict) -> dict:
+    """The LoRA configuration of ``setting`` (its own ``r`` / ``alpha`` over the config's)."""
+    targets = setting["target_modules"]
+    return dict(r=int(setting.get("r", cfg.r)), alpha=float(setting.get("alpha", cfg.alpha)),
+                target_modules=targets if isinstance(targets, str) else tuple(targets), dropout=cfg.dropout)
+
+
 STRUCTURES = ("diag", "kfac", "kfac_tridiag", "kfac_delta_w")
 
 

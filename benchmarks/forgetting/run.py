@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.forgetting.config import B0_INIT, RESULTS_DIR, Config
+from benchmarks.forgetting.config import B0_INIT, RESULTS_DIR, Config, lora_kwargs
 from benchmarks.forgetting.data import Data, load_data, proxy_for, train_batches
 from benchmarks.forgetting.evaluation import base_scores, check_teacher_forced_em, evaluate
 from benchmarks.forgetting.refit import (
@@ -26,6 +26,7 @@ from benchmarks.forgetting.refit import (
     train_in_phases,
 )
 from benchmarks.forgetting.report import brief, write_outputs
+from benchmarks.forgetting.reuse import adopt_finished_runs
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
 from benchmarks.harness import (
     Provenance,
@@ -44,12 +45,6 @@ from benchmarks.harness import (
 def load_base(cfg: Config, device: torch.device):
     """``(model, tokenizer)`` of ``cfg.model`` (``smollm2`` | ``tiny`` | a local path) via the harness."""
     return load_base_model(cfg.model, device=device, dtype=cfg.dtype)
-
-
-def lora_kwargs(cfg: Config, setting: dict) -> dict:
-    targets = setting["target_modules"]
-    return dict(r=int(setting.get("r", cfg.r)), alpha=float(setting.get("alpha", cfg.alpha)),
-                target_modules=targets if isinstance(targets, str) else tuple(targets), dropout=cfg.dropout)
 
 
 def prior_precision_for(curv, rel: float) -> float:
@@ -88,7 +83,7 @@ class Benchmark:
     """Runs the grid of a :class:`Config`; results are written after every run."""
 
     def __init__(self, cfg: Config, output_dir: Path, device: torch.device, *, progress: bool = True,
-                 resume: bool = False, log: Callable[[str], None] = print):
+                 resume: bool = False, reuse: list | None = None, log: Callable[[str], None] = print):
         self.cfg, self.out, self.device, self.progress, self.log = cfg, Path(output_dir), device, progress, log
         # provenance and machine facts before anything is written (outputs would make the tree dirty)
         self.provenance = Provenance(preset=cfg.preset, device=device)
@@ -127,6 +122,11 @@ class Benchmark:
                 if self.done:
                     self.earlier_provenance = old.get("provenance") or legacy_provenance(old)
                 self.log(f"resume: {len(self.done)} finished runs reused")
+        if reuse:  # finished runs of other results that would run identically (benchmarks.forgetting.reuse)
+            notes = adopt_finished_runs(self, reuse)
+            self.notes.extend(notes)
+            for note in notes:
+                self.log(f"reuse: {note}")
 
     # ---------------------------------------------------------------- curvature
     def curvature(self, model, run: dict, proxy_key: tuple, proxy: list[dict], structure: str, tag: tuple = ()):
@@ -469,10 +469,13 @@ class Benchmark:
 
 
 def run_benchmark(cfg: Config, output_dir: str | Path | None = None, device: str | None = None, *,
-                  progress: bool = True, resume: bool = False, log: Callable[[str], None] = print) -> dict:
-    """Run ``cfg`` and write ``results.json``, ``summary.md`` and the Pareto plots to ``output_dir``."""
+                  progress: bool = True, resume: bool = False, reuse: list | None = None,
+                  log: Callable[[str], None] = print) -> dict:
+    """Run ``cfg`` and write ``results.json``, ``summary.md`` and the Pareto plots to ``output_dir``;
+    ``reuse``: result folders whose finished runs stand in for identical runs here
+    (:mod:`benchmarks.forgetting.reuse`)."""
     out = Path(output_dir) if output_dir is not None else RESULTS_DIR / cfg.preset
-    bench = Benchmark(cfg, out, resolve_device(device), progress=progress, resume=resume, log=log)
+    bench = Benchmark(cfg, out, resolve_device(device), progress=progress, resume=resume, reuse=reuse, log=log)
     return bench.run()
 
 
