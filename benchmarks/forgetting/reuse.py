@@ -15,6 +15,10 @@ What comes along with a reused run:
 * the provenance of every donor (commit, command, times) and a note naming the donors;
 * the donor's cached base-model scores (content-addressed keys, so only identical data hits).
 
+Every data sample is drawn from config fields alone (``benchmarks.forgetting.data``), so equal
+fingerprints mean equal data; :func:`check_same_base` still compares the base model's scores of
+every donor with this run's once they are known, and stops on any difference.
+
 Each reused record keeps its own scores, history and cost and gains ``reused_from``.
 """
 
@@ -22,10 +26,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 
 from benchmarks.forgetting.config import Config, lora_kwargs
 from benchmarks.forgetting.refit import calibration_key, refit_after_of
+from benchmarks.forgetting.runs import is_plain
+from benchmarks.forgetting.summary import METRICS
 from benchmarks.harness import load_result, provenance_of, write_json
 
 #: config fields a single run does not depend on: names, grids, table tolerances, and the per-setting
@@ -68,8 +75,6 @@ def needed_calibrations(runs: list[dict]) -> dict[tuple, set]:
 def adopt_finished_runs(bench, donors: list[str | Path]) -> list[str]:
     """Put the finished runs of ``donors`` (result folders) that match a run of ``bench`` into
     ``bench.done`` (runs already there stay); returns notes on what was reused."""
-    from benchmarks.forgetting.runs import is_plain
-
     wanted = {run_fingerprint(bench.cfg, r): r for r in bench.runs if r["id"] not in bench.done}
     need = needed_calibrations(bench.runs)
     notes, used = [], []
@@ -95,6 +100,7 @@ def adopt_finished_runs(bench, donors: list[str | Path]) -> list[str]:
                     bench.curv_info.setdefault(f"{run['setting']}|{run['seed']}|" + key[len(prefix):], info)
         if adopted:
             used.append(payload)
+            bench.reuse_bases[str(donor)] = payload["base"]
             notes.append(f"{adopted} finished runs reused from {donor} (same fingerprint: data, evaluation, "
                          f"steps, lr, LoRA configuration, method, seed, grid point)")
         _seed_base_cache(Path(donor) / "base_eval_cache.json", bench.out / "base_eval_cache.json")
@@ -112,3 +118,15 @@ def _seed_base_cache(donor: Path, ours: Path) -> None:
     theirs = json.loads(donor.read_text())
     if set(theirs) - set(mine):
         write_json(ours, {**theirs, **mine})
+
+
+def check_same_base(donor_bases: dict[str, dict], base: dict, tol: float = 1e-6) -> None:
+    """The base model's scores here equal every donor's (same model, same evaluation data): else a
+    reused run would be compared against another base, so this is an error naming the donor."""
+    for donor, theirs in donor_bases.items():
+        for key in METRICS:
+            for k in (key, f"{key}_val", f"{key}_test"):
+                a, b = base.get(k), theirs.get(k)
+                if (a is None) != (b is None) or (a is not None and not math.isclose(a, b, rel_tol=tol, abs_tol=tol)):
+                    raise ValueError(f"--reuse {donor}: its base-model {k} is {b}, here {a}; the evaluation data "
+                                     f"differ, so its runs cannot stand in for runs here")

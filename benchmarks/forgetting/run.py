@@ -26,7 +26,7 @@ from benchmarks.forgetting.refit import (
     train_in_phases,
 )
 from benchmarks.forgetting.report import brief, write_outputs
-from benchmarks.forgetting.reuse import adopt_finished_runs
+from benchmarks.forgetting.reuse import adopt_finished_runs, check_same_base
 from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
 from benchmarks.harness import (
     Provenance,
@@ -112,6 +112,7 @@ class Benchmark:
         self.results: list[dict] = []
         self.done: dict = {}
         self.resumed_em_check = None   # the teacher-forced EM check of the finished plain LoRA run
+        self.reuse_bases: dict = {}    # donor folder -> its base-model scores (checked against ours)
         if resume and (self.out / "results.json").exists():
             old = json.loads((self.out / "results.json").read_text())
             if old.get("config_digest") == cfg.digest():
@@ -410,6 +411,7 @@ class Benchmark:
                                    self.device)
         self.log(f"[forgetting] base model scores ({'cached' if cached else f'{time.perf_counter() - t0:.0f}s'}): "
                  f"{brief(base)}")
+        check_same_base(self.reuse_bases, base)
         self.base = base
         self.timing = {"load_model_s": load_seconds, "data_s": data_seconds,
                        "base_eval_s": 0.0 if cached else time.perf_counter() - t0, "base_eval_cached": cached}

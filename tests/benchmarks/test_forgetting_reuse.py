@@ -125,3 +125,17 @@ def test_nothing_is_reused_across_a_different_training(donor, tmp_path):
     payload = forgetting.run_benchmark(cfg, tmp_path, "cpu", progress=False, reuse=[donor_dir], log=_quiet)
     assert not any("reused_from" in r for r in payload["runs"])
     assert not any("reused from" in n for n in payload["notes"])
+
+
+def test_a_donor_with_other_base_scores_is_refused(donor, tmp_path):
+    """Same fingerprint but different evaluation data behind it (here: a tampered donor) must stop
+    the run rather than mix results measured against another base model."""
+    donor_dir, _ = donor
+    tampered = tmp_path / "tampered"
+    tampered.mkdir()
+    payload = json.loads((donor_dir / "results.json").read_text())
+    payload["base"]["src_mcq_nll_test"] += 0.5
+    (tampered / "results.json").write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match="src_mcq_nll_test"):
+        forgetting.run_benchmark(_tiny(DONOR_METHODS), tmp_path / "out", "cpu", progress=False, reuse=[tampered],
+                                 log=_quiet)
