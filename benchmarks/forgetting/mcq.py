@@ -18,6 +18,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from lalora_curv.experiments.evaluation import logits_at
+
 __all__ = ["fast_mcq_scores", "check_against_reference"]
 
 
@@ -67,18 +69,22 @@ def _choice_logliks(model, rows, pad_id: int) -> list[list[tuple[float, int]]]:
         spans.append(row_spans)
     mask = torch.zeros((B, 1, T, T), dtype=dtype)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
-    logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device),
-                   position_ids=position_ids.to(device)).logits.float()
+    # token j of a choice (at position start + j) is predicted from position P - 1 (j = 0) or from
+    # start + j - 1 (j > 0): the prompt's last token, then the choice's own tokens. Only those
+    # positions get logits (the prompt, most of a row, needs none).
+    prev = [[[len(prompt) - 1] + list(range(start, end - 1)) for start, end in spans[b]]
+            for b, (prompt, _) in enumerate(rows)]
+    keep = sorted({t for row in prev for choice in row for t in choice})
+    column = {t: i for i, t in enumerate(keep)}
+    logits = logits_at(model, torch.tensor(keep, device=device), input_ids=input_ids.to(device),
+                       attention_mask=mask.to(device), position_ids=position_ids.to(device)).float()
     logprobs = F.log_softmax(logits, dim=-1)
     out = []
-    for b, (prompt, choices) in enumerate(rows):
-        P = len(prompt)
+    for b, (_, choices) in enumerate(rows):
         res = []
-        for (start, end), c in zip(spans[b], choices):
-            # token j of the choice (at position start + j) is predicted from position P - 1 (j = 0)
-            # or from start + j - 1 (j > 0): the prompt's last token, then the choice's own tokens
-            prev = [P - 1] + list(range(start, end - 1))
-            lp = logprobs[b, prev, :].gather(1, torch.tensor(c, device=logprobs.device)[:, None]).sum()
+        for positions, c in zip(prev[b], choices):
+            cols = [column[t] for t in positions]
+            lp = logprobs[b, cols, :].gather(1, torch.tensor(c, device=logprobs.device)[:, None]).sum()
             res.append((float(lp), len(c)))
         out.append(res)
     return out

@@ -12,6 +12,7 @@ Conventions (same as the batchers in :mod:`lalora_curv.experiments.data` and as 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,23 +46,41 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     return tqdm(iterable, desc=desc, total=total)
 
 
+def logits_at(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
+    """Logits ``(B, len(keep), V)`` of ``model(**inputs)`` at the sequence positions ``keep`` (1-D,
+    the same for every row). Where the model's forward takes ``logits_to_keep`` (transformers' causal
+    LMs) the vocabulary projection runs at those positions only: scoring a short answer after a long
+    prompt then skips most of the ``V``-wide work; otherwise the full logits are sliced."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if "logits_to_keep" in inspect.signature(base.forward).parameters:
+        return model(**inputs, logits_to_keep=keep).logits
+    return model(**inputs).logits[:, keep]
+
+
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
                     with_hits: bool = False) -> tuple[torch.Tensor, ...]:
     """Log-probabilities of the shifted labels and the mask of real terms, both ``(B, T - 1)``.
 
     Entry ``[b, t]`` is ``log p(labels[b, t + 1] | tokens <= t)``; it is 0 where the label is -100.
     With ``with_hits`` a third ``(B, T - 1)`` tensor: whether the arg-max token is the label (True
-    where there is no label).
+    where there is no label). Logits are computed only at positions some row of the batch scores.
     """
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1]
     targets = labels[:, 1:]
     mask = targets != IGNORE_INDEX
-    # Flattened (N, V) rows: cross_entropy on a (B, V, T) transposed view is far slower.
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.masked_fill(~mask, 0).reshape(-1),
-                          reduction="none")
+    logprobs = torch.zeros(targets.shape, device=targets.device)
+    hits = torch.ones(targets.shape, dtype=torch.bool, device=targets.device)
+    keep = mask.any(0).nonzero().squeeze(1)
+    if keep.numel():
+        logits = logits_at(model, keep, input_ids=input_ids, attention_mask=attention_mask)
+        kept_targets, kept_mask = targets[:, keep], mask[:, keep]
+        # Flattened (N, V) rows: cross_entropy on a (B, V, T) transposed view is far slower.
+        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
+                              kept_targets.masked_fill(~kept_mask, 0).reshape(-1), reduction="none")
+        logprobs[:, keep] = -nll.view(kept_targets.shape) * kept_mask
+        hits[:, keep] = (logits.argmax(-1) == kept_targets) | ~kept_mask
     if with_hits:
-        return -nll.view(targets.shape) * mask, mask, (logits.argmax(-1) == targets) | ~mask
-    return -nll.view(targets.shape) * mask, mask
+        return logprobs, mask, hits
+    return logprobs, mask
 
 
 def nll_sum_and_count(model, batch: dict[str, torch.Tensor]) -> tuple[float, int]:

@@ -76,6 +76,60 @@ def test_row_scores_greedy_match_is_greedy_decoding_of_the_target(model, tok):
     assert [(s, c) for s, c, _ in rows] == E.row_nll_sums(model, batches)
 
 
+class _NoLogitsToKeep(torch.nn.Module):
+    """A causal LM whose forward does not take ``logits_to_keep`` (full logits only)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+def test_logits_at_is_the_full_logits_at_those_positions(model, tok):
+    batch = D.lm_batches(["hello there", "abc def ghi"], tok, batch_size=2, seq_len=12, pad_to_longest=True)[0]
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+    keep = torch.tensor([0, 3, 4, 9])
+    with torch.no_grad():
+        full = model(**inputs).logits
+        for m in (model, _NoLogitsToKeep(model), add_lora(model, init="gaussian", seed=0)):
+            part = E.logits_at(m, keep, **inputs)
+            reference = m(**inputs).logits[:, keep] if m is not model else full[:, keep]
+            assert part.shape == (2, 4, full.shape[-1])
+            torch.testing.assert_close(part, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_row_scores_score_only_labelled_positions_like_a_manual_loop(model, tok):
+    """Rows whose labels start at different positions (prompts of different lengths, right padding):
+    every row's NLL sum, count and greedy match equal a manual loop over the full logits, with and
+    without ``logits_to_keep``, plain or peft-wrapped."""
+    prompts = ["Q: 1+1\nA:", "Q: a much longer question here?\nA:", "Q: x\nA:"]
+    targets = [" 2", " yes it is", " y"]
+    batch = D.sft_batches(prompts, targets, tok, batch_size=3, seq_len=48, pad_to_longest=True)[0]
+    lora_model = add_lora(tiny_llama(seed=3), init="gaussian", seed=1)
+    for m in (model, _NoLogitsToKeep(model), lora_model):
+        with torch.no_grad():
+            logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = []
+        for b in range(3):
+            nll, count, hit = 0.0, 0, True
+            for t in range(logits.shape[1] - 1):
+                label = int(batch["labels"][b, t + 1])
+                if label != -100:
+                    nll -= torch.log_softmax(logits[b, t], -1)[label].item()
+                    count += 1
+                    hit = hit and int(logits[b, t].argmax()) == label
+            expected.append((nll, count, hit))
+        rows = E.row_scores(m, [batch])
+        assert [c for _, c, _ in rows] == [c for _, c, _ in expected]
+        assert [g for _, _, g in rows] == [g for _, _, g in expected]
+        for (s, _, _), (e, _, _) in zip(rows, expected):
+            assert math.isclose(s, e, rel_tol=1e-5)
+    empty = {**batch, "labels": torch.full_like(batch["labels"], -100)}  # nothing to score: no forward needed
+    assert E.row_scores(model, [empty]) == [(0.0, 0, True)] * 3
+
+
 def test_mean_nll_matches_hf_loss_on_one_batch(model, tok):
     batch = D.lm_batches(["one unpadded row!", "and another row.."], tok, batch_size=2, seq_len=17)[0]
     assert (batch["attention_mask"] == 1).all()
