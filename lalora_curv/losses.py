@@ -216,18 +216,26 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
             positions = _left_padding_positions(attention_mask)
             if positions is not None and "position_ids" in _forward_keywords(model)[0]:
                 inputs["position_ids"] = positions
-        out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-        logits = out.logits if hasattr(out, "logits") else out[0]
-        _check_labels(labels, logits.shape[-1], "labels")
         shifted_labels = labels[:, 1:]
         attended = attention_mask != 0
         # a term needs a real input token (t) and a real label token (t+1): with left padding the
         # last pad would otherwise "predict" the first real token
         mask = (shifted_labels != IGNORE_INDEX) & attended[:, 1:] & attended[:, :-1]
         N, T = input_ids.shape
+        keep = mask.any(0).nonzero().squeeze(1)  # positions some row scores, ascending
+        if "logits_to_keep" not in inputs and len(keep) < T - 1 and "logits_to_keep" in _forward_keywords(model)[0]:
+            # transformers' causal LMs project to the vocabulary at these positions only: an SFT
+            # batch (labels on the answers) skips most of the V-wide logits, forward and backward
+            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **inputs)
+            logits, mask_at_logits = (out.logits if hasattr(out, "logits") else out[0]), mask[:, keep]
+        else:
+            out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
+            logits = out.logits if hasattr(out, "logits") else out[0]
+            logits, mask_at_logits = logits[:, :-1], mask
+        _check_labels(labels, logits.shape[-1], "labels")
         seq = torch.arange(N, device=device)[:, None].expand(N, T - 1)
         return Terms(
-            logits=logits[:, :-1][mask],
+            logits=logits[mask_at_logits],
             targets=shifted_labels[mask],
             seq_index=seq[mask],
             num_sequences=N,

@@ -87,6 +87,56 @@ def test_padded_positions_never_reach_the_statistics(lm):
         assert rel_err(ca.to_dense(), cb.to_dense()) < 1e-6, structure
 
 
+class _FullLogitsOnly(torch.nn.Module):
+    """The same causal LM behind a forward without ``logits_to_keep``: logits at every position."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
+
+
+@pytest.mark.parametrize("side", ["right", "left"])
+def test_logits_only_where_scored_give_the_same_terms_gradients_and_curvature(lm, side):
+    """A batch whose labels cover few positions (SFT: answers after prompts of different lengths):
+    projecting to the vocabulary only where some row is scored (``logits_to_keep``) must give the
+    terms, gradients and curvature of the full logits."""
+    batch = _padded(_sequences(3), side)
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, : T - 2] = -100  # only the last two positions carry labels
+    batch["labels"] = labels
+    full = _FullLogitsOnly(lm)
+    lora = [p for n, p in lm.named_parameters() if "lora_" in n]
+
+    def terms_and_grads(model):
+        terms = forward_terms(model, batch)
+        loss = torch.nn.functional.cross_entropy(terms.logits.double(), terms.targets, reduction="sum")
+        grads = torch.autograd.grad(loss, lora)
+        return terms, grads
+
+    widths = []  # positions the vocabulary projection sees
+    hook = lm.get_output_embeddings().register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    try:
+        kept, kept_grads = terms_and_grads(lm)
+        ref, ref_grads = terms_and_grads(full)
+    finally:
+        hook.remove()
+    assert widths[0] < T - 1 and widths[1] == T  # projected where scored vs everywhere
+    assert kept.num_terms == ref.num_terms == count_terms(batch) > 0
+    torch.testing.assert_close(kept.logits, ref.logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(kept.targets, ref.targets) and torch.equal(kept.seq_index, ref.seq_index)
+    for a, b in zip(kept_grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for structure in ("kfac", "diag"):
+        a = lc.fit_curvature(lm, [batch], structure=structure, kind="mc", seed=0, factor_dtype=torch.float64,
+                             progress=False)
+        b = lc.fit_curvature(full, [batch], structure=structure, kind="mc", seed=0, factor_dtype=torch.float64,
+                             progress=False)
+        assert rel_err(a.to_dense(), b.to_dense()) < 1e-4, structure
+
+
 # ------------------------------------------------------------------ other model inputs (defect 3)
 def test_position_ids_reach_the_model(lm):
     batch = make_lm_batch(vocab=VOCAB, lengths=(6, 6), T=6, seed=5)
