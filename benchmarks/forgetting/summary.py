@@ -86,6 +86,8 @@ def summarize(results: list[dict], base: dict, cfg: Config, splits: dict | None 
                                                     n_boot=n_boot)
         evidence[setting["name"]] = ev
 
+    if split:
+        add_paired_to_lora(points, results, splits, n_boot)
     tables = {}
     for setting in cfg.settings:
         pts = [p for p in points if p["setting"] == setting["name"]]
@@ -101,6 +103,25 @@ def summarize(results: list[dict], base: dict, cfg: Config, splits: dict | None 
             tables[setting["name"]][name] = rows
     return {"points": points, "evidence": evidence, "tables": tables,
             "selection": "validation half, reported on the test half" if split else "same items"}
+
+
+#: what every grid point is compared on against plain LoRA of its setting (the ablation tables)
+POINT_METRICS = ("tgt_em", "src_mcq_acc", "src_text_nll", "tgt_nll")
+
+
+def add_paired_to_lora(points: list[dict], results: list[dict], splits: dict, n_boot: int) -> None:
+    """Attach to every grid point ``paired_lora[metric]``: the point minus plain LoRA of the same
+    setting, on the test half, paired by seed (None where they share no seed)."""
+    def items_of(setting, family, point):
+        return {r["seed"]: r["items"] for r in results
+                if r["setting"] == setting and r["family"] == family and r["point"] == point}
+
+    for p in points:
+        if p["family"] == "LoRA" and p["point"] == "-":
+            continue
+        plain = items_of(p["setting"], "LoRA", "-")
+        mine = items_of(p["setting"], p["family"], p["point"])
+        p["paired_lora"] = {m: paired_difference(mine, plain, m, splits, n_boot=n_boot) for m in POINT_METRICS}
 
 
 def add_paired(rows: list[dict], results: list[dict], setting: str, metrics: tuple, splits: dict,

@@ -416,8 +416,20 @@ def _main_table(table: str) -> Callable[[Path], str]:
     return lambda root: forgetting_paired(root, FORGETTING_MAIN, "qv", table)
 
 
+#: the paper's ablations and the K-FAC gap study, each its own result in the main setting
+FORGETTING_ABLATIONS = ("ablation_proxy_batches", "ablation_proxy_text", "ablation_rank", "ablation_length",
+                        "ablation_lambda", "kfac_gap")
+
+
+def _points_table(preset: str) -> Callable[[Path], str]:
+    from benchmarks.report.paired_blocks import forgetting_points
+
+    return lambda root: forgetting_points(root, f"benchmarks/results/forgetting/{preset}/results.json")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-acc": _main_table("acc"),
+    **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-main-nll": _main_table("nll"),
     "forgetting-main-mcq-nll": _main_table("mcq_nll"),
     "forgetting-headline": forgetting_headline,

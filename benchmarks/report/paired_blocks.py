@@ -70,3 +70,39 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
         ["method (point)", "within tolerance", f"{tgt_label} (test)", f"{src_label} (test)",
          f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
          f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"], rows)
+
+
+def forgetting_points(root: Path, path: str) -> str:
+    """Every grid point of every setting in the result at ``path`` (an ablation), on the test half,
+    with its paired differences to plain LoRA of the same setting and seeds (no selection)."""
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    cfg = payload["config"]
+    base = payload["base"]
+    reused = sum("reused_from" in r for r in payload["runs"])
+    rows = [["-", "base model", _value(base.get("tgt_em_test"), None, True),
+             _value(base.get("src_mcq_acc_test"), None, True), _value(base.get("src_text_nll_test"), None, False),
+             "-", "-", "-", "-"]]
+    for p in payload["points"]:
+        paired = p.get("paired_lora") or {}
+        st = next(s for s in cfg["settings"] if s["name"] == p["setting"])
+        label = p["family"] if p["point"] == "-" else f"{p['family']} ({p['point']})"
+        rows.append([f"{p['setting']} (r={st.get('r', cfg['r'])}, {st.get('steps', cfg['steps'])} steps)", label,
+                     _value(p.get("tgt_em_test"), p.get("tgt_em_test_sd"), True),
+                     _value(p.get("src_mcq_acc_test"), p.get("src_mcq_acc_test_sd"), True),
+                     _value(p.get("src_text_nll_test"), p.get("src_text_nll_test_sd"), False),
+                     _delta(paired.get("tgt_em"), True), _delta(paired.get("src_mcq_acc"), True),
+                     _delta(paired.get("src_text_nll"), False), str(len(p["seeds"]))])
+    device = payload.get("device") or (payload.get("machine") or {}).get("device")
+    note = (f"<sub>From `{path}`: preset `{payload['preset']}`, device `{device}`; target `{cfg['target_task']}`, "
+            f"lr {cfg['lr']}, curvature kind `{cfg['curvature_kind']}`, proxy {cfg['proxy_kind']} x "
+            f"{cfg['proxy_batches']} batches unless the point says otherwise; every grid point, numbers from the "
+            f"test half (mean ± sd over seeds); Δ = paired mean over seeds against plain LoRA of the same setting "
+            f"with a 95 % bootstrap interval over seeds and items, **bold** where it excludes 0"
+            + (f"; {reused} of {len(payload['runs'])} runs reused from identical runs of another result "
+               f"(`reused_from`)" if reused else "") + ".</sub>\n\n")
+    return note + markdown_table(
+        ["setting", "method (point)", "target exact match (test)", "WordNet MCQ accuracy (test)",
+         "held-out text NLL (test)", "Δ exact match (pp) vs LoRA", "Δ MCQ accuracy (pp) vs LoRA",
+         "Δ text NLL vs LoRA", "seeds"], rows)

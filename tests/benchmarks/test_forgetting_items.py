@@ -139,6 +139,16 @@ def test_summarize_with_split_attaches_paired_intervals():
     assert kfac["L2"]["src_text_nll"]["mean"] < 0 and "L2" not in rows["L2"]["paired"]
     ev = summary["evidence"]["qv"]["src_text_nll"]
     assert ev["paired"]["n_seeds"] == 2 and ev["paired"]["mean"] == pytest.approx(ev["delta_mean"])
+    # every grid point against plain LoRA of its setting (the ablation tables): the point's test mean
+    # minus plain LoRA's, per seed, averaged
+    points = {p["family"]: p for p in summary["points"]}
+    assert "paired_lora" not in points["LoRA"]
+    for family in ("L2", "LaLoRA-kfac"):
+        d = points[family]["paired_lora"]["src_text_nll"]
+        assert d["n_seeds"] == 2
+        assert d["mean"] == pytest.approx(points[family]["src_text_nll_test"] - points["LoRA"]["src_text_nll_test"])
+        assert d["significant"] and d["hi"] < 0
+    assert points["LaLoRA-kfac"]["paired_lora"]["tgt_nll"]["mean"] == pytest.approx(0)
     # older results without per-item scores: summarized on the same items, and say so
     legacy = [{**r, "metrics": {k: v for k, v in r["metrics"].items() if not k.endswith(("_val", "_test"))}}
               for r in runs]

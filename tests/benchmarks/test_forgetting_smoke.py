@@ -62,6 +62,13 @@ def test_tiny_preset_end_to_end(tmp_path):
     table = forgetting_paired(root, FORGETTING_MAIN, "qv", "acc")
     kfac_line = next(line for line in table.splitlines() if line.startswith("| LaLoRA-kfac"))
     assert kfac_line.count("[") == 4 and "validation half" in table
+    # the ablation form: every grid point against plain LoRA of its setting
+    from benchmarks.report.paired_blocks import forgetting_points
+
+    points = forgetting_points(root, FORGETTING_MAIN)
+    lines = [line for line in points.splitlines() if line.startswith("| qv")]
+    assert len(lines) == len(data["points"]) == 3
+    assert [line.count("[") for line in lines] == [0, 3, 3]  # plain LoRA itself, then L2 and LaLoRA-kfac
 
     # a resumed run reuses the cached base-model evaluation and every finished run, plain LoRA included
     # (its calibration was saved and nothing left needs its model), and keeps the provenance of the
