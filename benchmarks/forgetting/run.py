@@ -436,10 +436,10 @@ class Benchmark:
                     self.log(f"[forgetting] {r['id']}: {brief(r['metrics'])} "
                              f"pen/task={fmt((r.get('history') or {}).get('penalty_task_ratio_last'))} "
                              f"({r['seconds']:.0f}s)")
+                self.timing["total_s"] = time.perf_counter() - t_start
+                self.write(final=False)  # after every run made here (a reused one changes nothing on disk)
             if bar is not None:
                 bar.update(1)
-            self.timing["total_s"] = time.perf_counter() - t_start
-            self.write(final=False)
             # free plain models of finished (setting, seed) groups
             live = {(r["setting"], r["seed"]) for r in self.runs[self.runs.index(run) + 1:]}
             for key in [k for k in plain_state if k not in live]:
