@@ -22,9 +22,11 @@
 # cut with --set where their own size would not fit:
 #   approx_accuracy full   140 s  (as the preset; the JVP references dominate)
 #   cost full              140 s  (warmup 1, repeats 3 instead of 2/5; random-weight 1B/3B shapes)
-#   forgetting full        250 s  (q,v setting only, plain LoRA + L2, LaLoRA diag/kfac/kfac_delta_w,
-#                                  MIGU: 26 runs of seed 0, 60 steps instead of 200, 64 new tokens;
-#                                  ~8 s a run = 60 steps + scoring, plus model load)
+#   forgetting main        250 s  (seed 0 of 3: the main q,v grid's 16 runs; one CPU thread takes
+#                                  ~20 min a run (60 steps of 8 items ~8 min, scoring 1,000 MCQ items,
+#                                  400 texts and 400 target items ~11 min), so ~12-25 s a run at the
+#                                  assumed speed-up; at its low end the part stops at its budget with
+#                                  the finished runs written (results are saved after every run))
 #   continual full         130 s  (seed 0 of 3, 32 steps per task instead of 64)
 # Model load and CUDA start-up are inside each budget. Re-measure on the first lent GPU and adjust.
 set -uo pipefail
