@@ -95,3 +95,15 @@ def options_for(structure: str, kind: str = "empirical", **options) -> dict:
 
     allowed = COMMON_OPTIONS | structure_class(structure).fit_options
     return {k: v for k, v in options.items() if k in allowed and not (k == "mc_samples" and kind != "mc")}
+
+
+class FullLogitsOnly(torch.nn.Module):
+    """The same causal LM behind a forward without ``logits_to_keep``: logits at every position
+    (the path a model takes whose forward cannot project only where scored)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None):
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)

@@ -12,7 +12,14 @@ import torch
 import lalora_curv as lc
 from lalora_curv.losses import forward_terms
 from lalora_curv.training import count_terms
-from tests.conftest import make_classifier, make_classifier_batch, make_lm_batch, make_tiny_lm, options_for
+from tests.conftest import (
+    FullLogitsOnly,
+    make_classifier,
+    make_classifier_batch,
+    make_lm_batch,
+    make_tiny_lm,
+    options_for,
+)
 from tests.reference import rel_err
 
 VOCAB = 11  # kind="ggn" runs one backward per class
@@ -87,17 +94,6 @@ def test_padded_positions_never_reach_the_statistics(lm):
         assert rel_err(ca.to_dense(), cb.to_dense()) < 1e-6, structure
 
 
-class _FullLogitsOnly(torch.nn.Module):
-    """The same causal LM behind a forward without ``logits_to_keep``: logits at every position."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-
-
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_logits_only_where_scored_give_the_same_terms_gradients_and_curvature(lm, side):
     """A batch whose labels cover few positions (SFT: answers after prompts of different lengths):
@@ -107,7 +103,7 @@ def test_logits_only_where_scored_give_the_same_terms_gradients_and_curvature(lm
     labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
     labels[:, : T - 2] = -100  # only the last two positions carry labels
     batch["labels"] = labels
-    full = _FullLogitsOnly(lm)
+    full = FullLogitsOnly(lm)
     lora = [p for n, p in lm.named_parameters() if "lora_" in n]
 
     def terms_and_grads(model):

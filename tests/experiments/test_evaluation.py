@@ -10,6 +10,7 @@ import torch
 from lalora_curv.experiments import data as D
 from lalora_curv.experiments import evaluation as E
 from lalora_curv.experiments.models import add_lora, tiny_llama, tiny_tokenizer
+from tests.conftest import FullLogitsOnly
 
 
 @pytest.fixture(scope="module")
@@ -76,24 +77,13 @@ def test_row_scores_greedy_match_is_greedy_decoding_of_the_target(model, tok):
     assert [(s, c) for s, c, _ in rows] == E.row_nll_sums(model, batches)
 
 
-class _NoLogitsToKeep(torch.nn.Module):
-    """A causal LM whose forward does not take ``logits_to_keep`` (full logits only)."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None):
-        return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids)
-
-
 def test_logits_at_is_the_full_logits_at_those_positions(model, tok):
     batch = D.lm_batches(["hello there", "abc def ghi"], tok, batch_size=2, seq_len=12, pad_to_longest=True)[0]
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
     keep = torch.tensor([0, 3, 4, 9])
     with torch.no_grad():
         full = model(**inputs).logits
-        for m in (model, _NoLogitsToKeep(model), add_lora(model, init="gaussian", seed=0)):
+        for m in (model, FullLogitsOnly(model), add_lora(model, init="gaussian", seed=0)):
             part = E.logits_at(m, keep, **inputs)
             reference = m(**inputs).logits[:, keep] if m is not model else full[:, keep]
             assert part.shape == (2, 4, full.shape[-1])
@@ -108,7 +98,7 @@ def test_row_scores_score_only_labelled_positions_like_a_manual_loop(model, tok)
     targets = [" 2", " yes it is", " y"]
     batch = D.sft_batches(prompts, targets, tok, batch_size=3, seq_len=48, pad_to_longest=True)[0]
     lora_model = add_lora(tiny_llama(seed=3), init="gaussian", seed=1)
-    for m in (model, _NoLogitsToKeep(model), lora_model):
+    for m in (model, FullLogitsOnly(model), lora_model):
         with torch.no_grad():
             logits = m(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         expected = []
