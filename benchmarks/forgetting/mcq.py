@@ -7,7 +7,7 @@ attend to the prompt and to the earlier tokens of its *own* choice only, and the
 every choice restart right after the prompt. Under causal attention the prompt's hidden states do
 not depend on what follows, so each choice's log-likelihood equals the one ``mcq_scores`` computes
 (up to float rounding). Token ids come from the library's own tokenization rule
-(``evaluation._context_continuation``). :func:`check_against_reference` compares both on a few
+(``evaluation.context_continuation``). :func:`check_against_reference` compares both on a few
 items and the benchmark falls back to ``mcq_scores`` if they disagree.
 """
 
@@ -18,19 +18,18 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from lalora_curv.experiments.evaluation import logits_at
+from lalora_curv.experiments.batching import pad_token_id
+from lalora_curv.experiments.evaluation import context_continuation, logits_at
 
 __all__ = ["fast_mcq_scores", "check_against_reference"]
 
 
 def _rows(tokenizer, items: Sequence[dict], separator: str) -> list[tuple[list[int], list[list[int]]]]:
-    from lalora_curv.experiments.evaluation import _context_continuation
-
     rows = []
     for item in items:
         prompt_ids, choices = None, []
         for choice in item["choices"]:
-            ctx, cont = _context_continuation(tokenizer, item["prompt"], separator + choice)
+            ctx, cont = context_continuation(tokenizer, item["prompt"], separator + choice)
             if prompt_ids is None:
                 prompt_ids = ctx
             elif ctx != prompt_ids:  # the prompt tokenizes the same for every choice (same string)
@@ -93,7 +92,6 @@ def _choice_logliks(model, rows, pad_id: int) -> list[list[tuple[float, int]]]:
 def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str = " ", batch_size: int = 16) -> dict:
     """``mcq_scores``' ``accuracy``, ``accuracy_norm``, ``nll_correct``, ``nll_correct_per_token``, ``n``,
     ``predictions`` with one forward per item (all choices in one row)."""
-    from lalora_curv.experiments.data import _pad_id
     from lalora_curv.experiments.evaluation import mcq_summary
 
     was_training = model.training
@@ -105,7 +103,7 @@ def fast_mcq_scores(model, tokenizer, items: Sequence[dict], *, separator: str =
         results = [None] * len(rows)
         for start in range(0, len(rows), batch_size):
             chunk = order[start:start + batch_size]
-            for i, res in zip(chunk, _choice_logliks(model, [rows[i] for i in chunk], _pad_id(tokenizer))):
+            for i, res in zip(chunk, _choice_logliks(model, [rows[i] for i in chunk], pad_token_id(tokenizer))):
                 results[i] = res
     finally:
         model.train(was_training)

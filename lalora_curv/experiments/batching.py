@@ -63,7 +63,7 @@ def _eos_id(tokenizer) -> int:
     return int(tokenizer.eos_token_id)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_token_id(tokenizer) -> int:
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -116,7 +116,7 @@ def lm_batches(texts: Sequence[str], tokenizer, batch_size: int = 8, seq_len: in
     """
     if seq_len < 2:
         raise ValueError(f"seq_len must be at least 2 (one prediction needs two tokens), got {seq_len}")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     if packed:
         eos = _eos_id(tokenizer)
         stream: list[int] = []
@@ -154,7 +154,7 @@ def sft_batches(prompts: Sequence[str], targets: Sequence[str], tokenizer, batch
     """
     if len(prompts) != len(targets):
         raise ValueError(f"{len(prompts)} prompts but {len(targets)} targets")
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     rows, dropped = [], 0
     for prompt, target in zip(prompts, targets):
         prompt_ids = _encode(tokenizer, prompt)

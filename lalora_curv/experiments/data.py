@@ -35,17 +35,17 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-# prompt formatting and batchers live in batching.py; re-exported here (the private helpers too:
-# evaluation code and the benchmarks use them)
+# prompt formatting and batchers live in batching.py; re-exported here (with the private encoding
+# helpers some experiment modules import from here)
 from .batching import (  # noqa: F401
     IGNORE_INDEX,
     _encode,
     _eos_id,
-    _pad_id,
     format_prompt,
     format_target,
     lm_batches,
     num_label_tokens,
+    pad_token_id,
     reasoning_sft_batches,
     sft_batches,
 )

@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
-from .batching import IGNORE_INDEX, _encode, _pad_id, format_prompt, format_target, sft_batches
+from .batching import IGNORE_INDEX, _encode, format_prompt, format_target, pad_token_id, sft_batches
 
 
 @contextlib.contextmanager
@@ -154,7 +154,7 @@ def perplexity(model, batches: Iterable[dict[str, torch.Tensor]], *, progress: b
 # Multiple choice by log-likelihood
 # --------------------------------------------------------------------------------------------
 
-def _context_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def context_continuation(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """Token ids of ``context`` and of ``continuation`` as they appear in ``context + continuation``.
 
     The whole string is tokenized once and split after the context's tokens (as lm-eval-harness
@@ -178,7 +178,7 @@ def continuation_logliks(model, tokenizer, pairs: Sequence[tuple[str, str]], *, 
     """
     encoded = []
     for context, continuation in pairs:
-        context_ids, continuation_ids = _context_continuation(tokenizer, context, continuation)
+        context_ids, continuation_ids = context_continuation(tokenizer, context, continuation)
         if not continuation_ids:
             raise ValueError(f"empty continuation after tokenization: {continuation!r}")
         if not context_ids:
@@ -187,7 +187,7 @@ def continuation_logliks(model, tokenizer, pairs: Sequence[tuple[str, str]], *, 
             context_ids = context_ids[-max(1, max_length - len(continuation_ids)):]
         encoded.append((context_ids, continuation_ids))
 
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     device = _device(model)
     results: list[tuple[float, int]] = []
     starts = range(0, len(encoded), batch_size)
@@ -305,7 +305,7 @@ def greedy_generate(model, tokenizer, prompts: Sequence[str], *, max_new_tokens:
     Prompts are left-padded inside each batch (decoder-only generation continues from the last
     column); generation stops at the tokenizer's eos or after ``max_new_tokens`` tokens.
     """
-    pad_id = _pad_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     eos_id = tokenizer.eos_token_id
     device = _device(model)
     outputs: list[str] = []
@@ -357,7 +357,8 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
 
 
 __all__ = [
-    "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity", "continuation_logliks", "mcq_scores",
+    "logits_at", "context_continuation", "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity",
+    "continuation_logliks", "mcq_scores",
     "row_scores", "row_nll_sums", "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate",
     "reasoning_scores",
 ]
