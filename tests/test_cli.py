@@ -62,6 +62,7 @@ def test_demo_writes_table_plot_and_json(tiny_dir, tmp_path):
     assert (out / "demo.md").read_text().startswith("| model |")
     prov = result["provenance"]  # the code and environment the committed demo.json came from
     assert len(prov["commit"]) == 40 and isinstance(prov["dirty"], bool) and prov["device"] == "cpu"
+    assert isinstance(prov["dirty_code"], bool)  # the same git state as every benchmark part records
     assert set(prov["versions"]) == {"torch", "transformers", "peft"} and prov["finished_utc"] >= prov["started_utc"]
 
 

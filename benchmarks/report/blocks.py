@@ -399,7 +399,8 @@ def demo_table(root: Path) -> str:
                       for k in keys] for name, r in rows_in.items()]
     lam = payload.get("lam")
     prov = payload.get("provenance") or {}
-    made = f"commit `{prov['commit'][:12]}`{' (dirty)' if prov.get('dirty') else ''}, " if prov.get("commit") else ""
+    dirty = prov.get("dirty_code", prov.get("dirty"))  # results written beside the demo's are not code
+    made = f"commit `{prov['commit'][:12]}`{' (dirty)' if dirty else ''}, " if prov.get("commit") else ""
     note = (f"<sub>From `{DEMO}`: {made}structure `{payload.get('structure')}`, strength "
             f"{'-' if lam is None else f'{lam:.3g}'} ({payload.get('lam_source')}), {payload.get('model_note')}, "
             f"{payload.get('seconds', 0):.0f} s.</sub>\n\n")

@@ -204,28 +204,21 @@ class Stopwatch:
 
 
 def run_record(started_utc: str, device: str) -> dict:
-    """Where a result came from: the git commit of the checkout this package runs from (and whether
-    its tracked files differ from it), torch/transformers/peft versions, device, command line, times.
-    ``commit`` is None outside a git checkout (an installed wheel)."""
+    """Where a result came from: the git commit of the checkout this package runs from and whether
+    its tracked files differ from it (``dirty``; ``dirty_code`` ignores ``benchmarks/results/``),
+    torch/transformers/peft versions, device, command line, times. ``commit`` is None outside a git
+    checkout (an installed wheel)."""
     import datetime
-    import subprocess
     import sys
 
     import peft
     import transformers
 
-    root = Path(__file__).resolve().parents[2]
+    from .gitstate import git_state
 
-    def git(*args: str) -> str | None:
-        try:
-            done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=20)
-        except (OSError, subprocess.SubprocessError):
-            return None
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    status = git("status", "--porcelain", "--untracked-files=no") if commit else None
-    return {"commit": commit, "dirty": None if status is None else bool(status), "device": device,
+    git = git_state() or {}
+    return {"commit": git.get("commit"), "dirty": git.get("dirty"), "dirty_code": git.get("dirty_code"),
+            "device": device,
             "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                          "peft": peft.__version__},
             "command": " ".join(["lalora-curv", *sys.argv[1:]]), "started_utc": started_utc,
