@@ -14,8 +14,10 @@ Parts, in order (the main preset first, the comparisons that matter most first i
   finished runs of ``main/parts/s{seed}`` (:mod:`benchmarks.forgetting.reuse`), so it waits until
   that main part is complete.
 
-``--status`` prints every part (runs done / total, complete, held by a worker); ``--dry-run`` the
-commands. When all parts of a preset are complete, ``--merge`` joins them (see the docs).
+When every part of a preset is complete, a worker merges them into ``<preset>/results.json`` (again
+whenever a part's result is newer than the merged one); ``python -m benchmarks.report`` then renders
+the pages. ``--status`` prints every part (runs done / total, complete, held by a worker);
+``--dry-run`` the commands.
 """
 
 from __future__ import annotations
@@ -118,6 +120,27 @@ def work(parts: list[Part], lock_dir: Path, run: Callable[[Part], int], *, wait_
         time.sleep(wait_s)
 
 
+def merge_complete(parts: list[Part], root: Path, merge: Callable[[list[Path], Path], object] | None = None,
+                   log: Callable[[str], None] = print) -> list[str]:
+    """Merge the parts of every preset whose parts are all complete into ``root/<preset>``, unless the
+    merged result is already newer than each part's; returns the presets merged now."""
+    if merge is None:
+        from benchmarks.forgetting.merge import merge_results as merge
+    merged = []
+    for preset in dict.fromkeys(p.preset for p in parts):
+        group = [p for p in parts if p.preset == preset]
+        if not all(progress_of(p.out)[1] for p in group):
+            continue
+        target = root / preset / "results.json"
+        newest_part = max((p.out / "results.json").stat().st_mtime for p in group)
+        if target.exists() and target.stat().st_mtime >= newest_part:
+            continue
+        merge([p.out for p in group], root / preset)
+        log(f"[campaign] merged {len(group)} parts into {root / preset}")
+        merged.append(preset)
+    return merged
+
+
 def status(parts: list[Part], lock_dir: Path) -> str:
     lines = []
     for part in parts:
@@ -173,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
             return subprocess.run(command(part), stdout=log, stderr=subprocess.STDOUT, env=env).returncode
 
     ran = work(parts, lock_dir, run)
+    merge_complete(parts, args.root)
     print(f"[campaign] this worker ran: {ran or 'nothing'}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import os
 
 import pytest
 
@@ -92,3 +93,23 @@ def test_a_failed_part_is_not_retried_and_its_dependents_are_not_started(tmp_pat
 
     campaign.work(parts, tmp_path / "locks", run, wait_s=0, log=lambda *_: None)
     assert ran == ["main/s0", "main/s1", "abl/s1"]
+
+
+def test_complete_presets_are_merged_once_and_again_after_a_part_changes(tmp_path):
+    parts = _parts(tmp_path)
+    merges = []
+
+    def merge(dirs, out):
+        merges.append((out.name, [d.name for d in dirs]))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "results.json").write_text("{}")
+
+    for part in parts[:2]:
+        _finish(part)
+    _finish(parts[2], complete=False)
+    assert campaign.merge_complete(parts, tmp_path, merge, log=lambda *_: None) == ["main"]
+    assert merges == [("main", ["s0", "s1"])]
+    assert campaign.merge_complete(parts, tmp_path, merge, log=lambda *_: None) == []  # up to date
+    later = (tmp_path / "main" / "results.json").stat().st_mtime + 10
+    os.utime(parts[0].out / "results.json", (later, later))  # a part written after the merge
+    assert campaign.merge_complete(parts, tmp_path, merge, log=lambda *_: None) == ["main"]
