@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Terms", "forward_terms", "backward_vectors", "KINDS", "batch_to_device"]
+__all__ = ["Terms", "forward_terms", "logits_at", "backward_vectors", "KINDS", "batch_to_device"]
 
 KINDS = ("ggn", "mc", "empirical")
 IGNORE_INDEX = -100
@@ -172,6 +172,20 @@ def _left_padding_positions(attention_mask: Tensor) -> Tensor | None:
     return (seen - 1).clamp_min(0)
 
 
+def _logits_of(out) -> Tensor:
+    return out.logits if hasattr(out, "logits") else out[0]
+
+
+def logits_at(model: nn.Module, keep: Tensor, **inputs) -> Tensor:
+    """Logits ``(N, len(keep), V)`` of ``model(**inputs)`` at the sequence positions ``keep`` (1-D,
+    the same for every row). Where the model's forward takes ``logits_to_keep`` (transformers'
+    causal LMs; read through peft and DDP wrappers as :func:`_forward_keywords` does) the vocabulary
+    projection runs at those positions only; otherwise the full logits are sliced."""
+    if "logits_to_keep" in _forward_keywords(model)[0]:
+        return _logits_of(model(**inputs, logits_to_keep=keep))
+    return _logits_of(model(**inputs))[:, keep]
+
+
 def forward_terms(model: nn.Module, batch: Any) -> Terms:
     """Run the model on ``batch`` and return its prediction terms.
 
@@ -223,15 +237,13 @@ def forward_terms(model: nn.Module, batch: Any) -> Terms:
         mask = (shifted_labels != IGNORE_INDEX) & attended[:, 1:] & attended[:, :-1]
         N, T = input_ids.shape
         keep = mask.any(0).nonzero().squeeze(1)  # positions some row scores, ascending
-        if "logits_to_keep" not in inputs and len(keep) < T - 1 and "logits_to_keep" in _forward_keywords(model)[0]:
-            # transformers' causal LMs project to the vocabulary at these positions only: an SFT
-            # batch (labels on the answers) skips most of the V-wide logits, forward and backward
-            out = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep, **inputs)
-            logits, mask_at_logits = (out.logits if hasattr(out, "logits") else out[0]), mask[:, keep]
+        if "logits_to_keep" not in inputs and len(keep) < T - 1:
+            # an SFT batch (labels on the answers) skips most of the V-wide logits, forward and backward
+            logits = logits_at(model, keep, input_ids=input_ids, attention_mask=attention_mask, **inputs)
+            mask_at_logits = mask[:, keep]
         else:
-            out = model(input_ids=input_ids, attention_mask=attention_mask, **inputs)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            logits, mask_at_logits = logits[:, :-1], mask
+            logits = _logits_of(model(input_ids=input_ids, attention_mask=attention_mask, **inputs))[:, :-1]
+            mask_at_logits = mask
         _check_labels(labels, logits.shape[-1], "labels")
         seq = torch.arange(N, device=device)[:, None].expand(N, T - 1)
         return Terms(

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 
 from lalora_curv.experiments.batching import pad_token_id
-from lalora_curv.experiments.evaluation import context_continuation, logits_at
+from lalora_curv.experiments.evaluation import context_continuation
+from lalora_curv.losses import logits_at
 
 __all__ = ["fast_mcq_scores", "check_against_reference"]
 

@@ -12,7 +12,6 @@ Conventions (same as the batchers in :mod:`lalora_curv.experiments.data` and as 
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import re
 from collections.abc import Iterable, Iterator, Sequence
@@ -20,6 +19,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..losses import logits_at
 from .batching import IGNORE_INDEX, _encode, format_prompt, format_target, pad_token_id, sft_batches
 
 
@@ -44,17 +44,6 @@ def _progress(iterable, enabled: bool, desc: str, total: int | None = None):
     from tqdm.auto import tqdm
 
     return tqdm(iterable, desc=desc, total=total)
-
-
-def logits_at(model, keep: torch.Tensor, **inputs) -> torch.Tensor:
-    """Logits ``(B, len(keep), V)`` of ``model(**inputs)`` at the sequence positions ``keep`` (1-D,
-    the same for every row). Where the model's forward takes ``logits_to_keep`` (transformers' causal
-    LMs) the vocabulary projection runs at those positions only: scoring a short answer after a long
-    prompt then skips most of the ``V``-wide work; otherwise the full logits are sliced."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if "logits_to_keep" in inspect.signature(base.forward).parameters:
-        return model(**inputs, logits_to_keep=keep).logits
-    return model(**inputs).logits[:, keep]
 
 
 def _token_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor, *,
@@ -357,7 +346,7 @@ def reasoning_scores(model, tokenizer, items: Sequence[dict], *, max_new_tokens:
 
 
 __all__ = [
-    "logits_at", "context_continuation", "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity",
+    "context_continuation", "nll_sum_and_count", "lm_scores", "mean_nll", "perplexity",
     "continuation_logliks", "mcq_scores",
     "row_scores", "row_nll_sums", "mcq_summary", "extract_answer_number", "numbers_match", "greedy_generate",
     "reasoning_scores",

@@ -10,6 +10,7 @@ import torch
 from lalora_curv.experiments import data as D
 from lalora_curv.experiments import evaluation as E
 from lalora_curv.experiments.models import add_lora, tiny_llama, tiny_tokenizer
+from lalora_curv.losses import logits_at
 from tests.conftest import FullLogitsOnly
 
 
@@ -84,7 +85,7 @@ def test_logits_at_is_the_full_logits_at_those_positions(model, tok):
     with torch.no_grad():
         full = model(**inputs).logits
         for m in (model, FullLogitsOnly(model), add_lora(model, init="gaussian", seed=0)):
-            part = E.logits_at(m, keep, **inputs)
+            part = logits_at(m, keep, **inputs)
             reference = m(**inputs).logits[:, keep] if m is not model else full[:, keep]
             assert part.shape == (2, 4, full.shape[-1])
             torch.testing.assert_close(part, reference, rtol=1e-5, atol=1e-5)
