@@ -41,6 +41,15 @@ def calibration_key(structure: str, k: int) -> str:
     return f"{structure} {refit_tag(k)}"
 
 
+def calibration_entry(run: dict) -> str:
+    """The entry of its (setting, seed) calibration that a relative-strength ``run`` resolves against:
+    ``"l2"``, its structure, or for a LaLoRA-refit run :func:`calibration_key`."""
+    if run["method"] == "l2":
+        return "l2"
+    structure, k = run["spec"]["structure"], refit_after_of(run["spec"])
+    return calibration_key(structure, k) if run["method"] == "lalora" and k is not None else structure
+
+
 def check_refit(run_id: str, spec: dict, steps: int, dropout: float) -> None:
     """A clear error for a ``refit_after`` that cannot be honoured (before anything trains)."""
     k = spec.get("refit_after")

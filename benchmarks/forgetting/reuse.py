@@ -30,7 +30,7 @@ import math
 from pathlib import Path
 
 from benchmarks.forgetting.config import Config, lora_kwargs
-from benchmarks.forgetting.refit import calibration_key, refit_after_of
+from benchmarks.forgetting.refit import calibration_entry
 from benchmarks.forgetting.runs import is_plain
 from benchmarks.forgetting.summary import METRICS
 from benchmarks.harness import load_result, provenance_of, write_json
@@ -65,10 +65,7 @@ def needed_calibrations(runs: list[dict]) -> dict[tuple, set]:
     for r in runs:
         if "relative" not in r:
             continue
-        penalty = "l2" if r["method"] == "l2" else r["spec"]["structure"]
-        if r["method"] == "lalora" and refit_after_of(r["spec"]) is not None:
-            penalty = calibration_key(penalty, refit_after_of(r["spec"]))
-        need.setdefault((r["setting"], r["seed"]), set()).add(penalty)
+        need.setdefault((r["setting"], r["seed"]), set()).add(calibration_entry(r))
     return need
 
 

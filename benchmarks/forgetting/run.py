@@ -18,7 +18,7 @@ from benchmarks.forgetting.data import Data, load_data, proxy_for, train_batches
 from benchmarks.forgetting.evaluation import base_scores, check_teacher_forced_em, evaluate
 from benchmarks.forgetting.refit import (
     calibrate_refits,
-    calibration_key,
+    calibration_entry,
     check_refit,
     refit_after_of,
     refit_curvature,
@@ -324,10 +324,7 @@ class Benchmark:
         """``run["relative"] * lam_ratio1`` of the calibration at plain LoRA's solution of the same
         (setting, seed); for ``lalora_on_init`` the ratio of the same structure at the B = 0 init is used
         (the on-init curvature is fitted elsewhere, so its ``rel=1`` is only roughly "penalty = task")."""
-        key = f"{run['setting']}/s{run['seed']}"
-        penalty = "l2" if run["method"] == "l2" else run["spec"]["structure"]
-        if run["method"] == "lalora" and refit_after_of(run["spec"]) is not None:  # fitted after the warm-up
-            penalty = calibration_key(penalty, refit_after_of(run["spec"]))
+        key, penalty = f"{run['setting']}/s{run['seed']}", calibration_entry(run)
         cal = self.calibration.get(key, {}).get(penalty)
         if not cal or not cal.get("lam_ratio1"):
             raise RuntimeError(f"{run['id']}: relative strength needs the calibration of {key} for {penalty!r}; "
@@ -441,7 +438,7 @@ class Benchmark:
             if bar is not None:
                 bar.update(1)
             # free plain models of finished (setting, seed) groups
-            live = {(r["setting"], r["seed"]) for r in self.runs[self.runs.index(run) + 1:]}
+            live = {(r["setting"], r["seed"]) for r in self.runs[i + 1:]}
             for key in [k for k in plain_state if k not in live]:
                 del plain_state[key]
         if bar is not None:

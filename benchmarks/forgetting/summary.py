@@ -105,6 +105,12 @@ def summarize(results: list[dict], base: dict, cfg: Config, splits: dict | None 
             "selection": "validation half, reported on the test half" if split else "same items"}
 
 
+def _items_of(results: list[dict], setting: str, family: str, point: str) -> dict[int, dict]:
+    """``{seed: per-item scores}`` of one grid point (what :func:`paired_difference` pairs)."""
+    return {r["seed"]: r["items"] for r in results
+            if r["setting"] == setting and r["family"] == family and r["point"] == point}
+
+
 #: what every grid point is compared on against plain LoRA of its setting (the ablation tables)
 POINT_METRICS = ("tgt_em", "src_mcq_acc", "src_text_nll", "tgt_nll")
 
@@ -112,15 +118,11 @@ POINT_METRICS = ("tgt_em", "src_mcq_acc", "src_text_nll", "tgt_nll")
 def add_paired_to_lora(points: list[dict], results: list[dict], splits: dict, n_boot: int) -> None:
     """Attach to every grid point ``paired_lora[metric]``: the point minus plain LoRA of the same
     setting, on the test half, paired by seed (None where they share no seed)."""
-    def items_of(setting, family, point):
-        return {r["seed"]: r["items"] for r in results
-                if r["setting"] == setting and r["family"] == family and r["point"] == point}
-
     for p in points:
         if p["family"] == "LoRA" and p["point"] == "-":
             continue
-        plain = items_of(p["setting"], "LoRA", "-")
-        mine = items_of(p["setting"], p["family"], p["point"])
+        plain = _items_of(results, p["setting"], "LoRA", "-")
+        mine = _items_of(results, p["setting"], p["family"], p["point"])
         p["paired_lora"] = {m: paired_difference(mine, plain, m, splits, n_boot=n_boot) for m in POINT_METRICS}
 
 
@@ -128,16 +130,12 @@ def add_paired(rows: list[dict], results: list[dict], setting: str, metrics: tup
                n_boot: int) -> None:
     """Attach to each table row ``paired[ref][metric]``: the chosen point minus plain LoRA (``"LoRA"``)
     and minus L2's chosen point of the same table (``"L2"``), on the test half, paired by seed."""
-    def items_of(family, point):
-        return {r["seed"]: r["items"] for r in results
-                if r["setting"] == setting and r["family"] == family and r["point"] == point}
-
-    refs = {"LoRA": items_of("LoRA", "-")}
+    refs = {"LoRA": _items_of(results, setting, "LoRA", "-")}
     l2 = next((r for r in rows if r["family"] == "L2"), None)
     if l2 is not None:
-        refs["L2"] = items_of("L2", l2["point"])
+        refs["L2"] = _items_of(results, setting, "L2", l2["point"])
     for row in rows:
-        mine = items_of(row["family"], row["point"])
+        mine = _items_of(results, setting, row["family"], row["point"])
         row["paired"] = {ref: {m: paired_difference(mine, other, m, splits, n_boot=n_boot) for m in metrics}
                          for ref, other in refs.items() if ref != row["family"]}
 
