@@ -92,7 +92,6 @@ class Config:
         return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-
 def lora_kwargs(cfg: Config, setting: dict) -> dict:
     """The LoRA configuration of ``setting`` (its own ``r`` / ``alpha`` over the config's)."""
     targets = setting["target_modules"]

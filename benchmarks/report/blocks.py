@@ -430,9 +430,9 @@ def _points_table(preset: str) -> Callable[[Path], str]:
 
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-acc": _main_table("acc"),
-    **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-main-nll": _main_table("nll"),
     "forgetting-main-mcq-nll": _main_table("mcq_nll"),
+    **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),
     "forgetting-best-all-linear": lambda root: forgetting_best(root, "all-linear"),
