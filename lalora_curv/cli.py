@@ -410,9 +410,7 @@ def cmd_demo(args) -> int:
     histories = {}
     lam, lam_source = args.lam, "--lam"
     for kind in ("none", "lalora"):
-        with __import__("torch").no_grad():
-            for p, value in zip(lora.params, init.values()):
-                p.copy_(value)
+        lora.assign(init)  # both runs start from the same adapter
         if kind == "none":
             name, penalty = "LoRA", None
         else:

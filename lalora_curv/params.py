@@ -41,6 +41,19 @@ def full_tensor(t: Tensor) -> Tensor:
     return t.full_tensor() if is_sharded(t) else t
 
 
+def copy_full_(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` for a ``value`` of the full shape, in place. Where ``param`` is an FSDP2
+    ``DTensor`` it receives this rank's shard of ``value``, cut locally (``src_data_rank=None``: no
+    communication, so every rank must pass the same ``value``), rather than torch's "mixed
+    torch.Tensor and DTensor" error."""
+    if is_sharded(param) and not is_sharded(value):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value.detach().to(param.dtype), param.device_mesh, param.placements,
+                                  src_data_rank=None)
+    param.copy_(value)
+
+
 class LoRADiscoveryError(ValueError):
     """The model has no usable LoRA layers for the requested adapter, or unsupported ones."""
 
@@ -405,6 +418,15 @@ class LoRAParams:
         if value.ndim != 1 or value.numel() != self.numel:
             raise ValueError(f"expected Tensor[{self.numel}], got shape {tuple(value.shape)}")
         return value
+
+    def assign(self, value: Tensor | Mapping[str, Tensor]) -> None:
+        """Copy ``value`` (a flat ``Tensor[numel]`` or a dict ``name -> tensor``, full shapes) into the
+        live LoRA parameters, in place and without autograd (e.g. put back an anchor or load a
+        smoothed adapter). Under FSDP2 each rank keeps its shard of it (:func:`copy_full_`)."""
+        flat = self.as_flat(value)
+        with torch.no_grad():
+            for p, v in zip(self.params, self.unflatten(flat).values()):
+                copy_full_(p, v.to(p.dtype))
 
     @property
     def device(self) -> torch.device:

@@ -45,6 +45,7 @@ import torch
 from torch import Tensor, nn
 
 from .curvature import CurvatureOperator
+from .curvature.statistics import all_reduce_sum, dist_world_size, resolve_distributed
 from .params import LoRAParams
 from .penalties import LaplacePenalty
 from .training import finetune
@@ -141,19 +142,13 @@ class _ModelState:
             module.training = mode
 
 
-def _set_lora(lora: LoRAParams, flat: Tensor) -> None:
-    with torch.no_grad():
-        for p, value in zip(lora.params, lora.unflatten(flat).values()):
-            p.copy_(value.to(p.dtype))
-
-
 def suggest_strength(curv: CurvatureOperator, model: nn.Module, pilot_batches: Iterable[Any], *, steps: int,
                      lr: float, lora: LoRAParams | None = None, anchor: Mapping[str, Tensor] | Tensor | None = None,
                      relative: float = 2.0, pilot_steps: int | None = None, prior_precision: float = 0.0,
                      seed: int = 0, grad_accum: int = 1, max_grad_norm: float | None = None,
                      optimizer: str = "adamw", weight_decay: float = 0.0,
-                     exponent_range: tuple[float, float] = (1.0, 2.0), progress: bool = False
-                     ) -> StrengthSuggestion:
+                     exponent_range: tuple[float, float] = (1.0, 2.0), distributed: bool | str = "auto",
+                     progress: bool = False) -> StrengthSuggestion:
     """The LaLoRA strength for a run of ``steps`` optimizer steps, from a short plain-LoRA pilot.
 
     Aims at the forgetting benchmark's ``relative * lam_ratio1`` (module docstring): ``strength =
@@ -177,6 +172,11 @@ def suggest_strength(curv: CurvatureOperator, model: nn.Module, pilot_batches: I
             more than 10 % of ``steps``.
         prior_precision: the penalty's isotropic precision, included in ``q``.
         exponent_range: clip range of the fitted growth exponent.
+        distributed: "auto" (default: on when ``torch.distributed`` is initialized with more than
+            one process), True or False. On, every rank runs the pilot on its own batches (FSDP2 /
+            DDP average the gradients) and the task loss is averaged over the ranks, so every
+            rank gets the same strength; every rank must then call this. ``pilot_task_loss``
+            stays this rank's own.
         progress: tqdm bar over the pilot steps.
 
     Returns:
@@ -197,6 +197,7 @@ def suggest_strength(curv: CurvatureOperator, model: nn.Module, pilot_batches: I
 
         warnings.warn(f"suggest_strength: a pilot of {pilot_steps} steps is more than {PILOT_FRACTION:.0%} of the "
                       f"budget of {steps} steps", stacklevel=2)
+    sync = resolve_distributed(distributed)
     lora = LoRAParams.from_model(model) if lora is None else lora
     state = _ModelState(model)
     start = lora.snapshot()
@@ -218,13 +219,17 @@ def suggest_strength(curv: CurvatureOperator, model: nn.Module, pilot_batches: I
         scale = (steps / pilot_steps) ** (exponent / 2)
         start_flat = lora.flatten(start).detach()
         pilot_flat = lora.flatten().detach()
-        _set_lora(lora, start_flat + scale * (pilot_flat - start_flat))
+        lora.assign(start_flat + scale * (pilot_flat - start_flat))
         with torch.no_grad():
             quadratic = 2.0 * float(final())
     finally:
         state.restore()
     window = losses[-TASK_LOSS_WINDOW:]
     task_loss = sum(window) / len(window)
+    if sync:  # each rank saw only its own batches: without this, each would get its own strength
+        total = torch.tensor([task_loss], dtype=torch.float64, device=lora.device)
+        all_reduce_sum([total])
+        task_loss = float(total) / dist_world_size()
     if not (quadratic > 0 and math.isfinite(quadratic)):
         raise ValueError(f"the extrapolated quadratic is {quadratic}: the pilot did not move the LoRA weights in any "
                          "direction the curvature (plus prior) sees; raise lr or pilot_steps, or add prior_precision")

@@ -27,6 +27,12 @@ def _batches():
     return [make_lm_batch(seed=90 + i, lengths=(6, 4 + i % 2, 5)) for i in range(4)]
 
 
+def _pilot_batches():
+    """Batches with equal term counts: FSDP2 averages the ranks' gradients, which equals the
+    single-process token mean over a step only when every rank's batch has as many terms."""
+    return [make_lm_batch(seed=70 + i, lengths=(6, 5, 5)) for i in range(2 * WORLD)]
+
+
 def _options(structure: str, kind: str) -> dict:
     return options_for(structure, kind, rank=3, mc_samples=2, seed=5, factor_dtype=torch.float64)
 
@@ -133,6 +139,28 @@ def _worker(rank: int, world: int, port: int, out_dir: str):
             results["token_error"] = None
         except ValueError as error:
             results["token_error"] = str(error)
+        # writing full values into the sharded parameters: each rank keeps its shard (dict and flat)
+        written = _displaced_anchor(lora)
+        lora.assign(written)
+        results["assign"] = lora.flatten().detach()
+        lc.TaskSequence(model, structure="diag", lora=lora).set_adapter(2 * lora.flatten(written))
+        results["set_adapter"] = lora.flatten().detach()
+        # a custom loop with clipping: the norm is the full gradient's (mean task loss + penalty)
+        clipped = _shard(make_tiny_lm())
+        clipped_lora = lc.LoRAParams.from_model(clipped)
+        loop = lc.PenaltyLoop(torch.optim.SGD(clipped_lora.params, lr=0.1),
+                              _penalties(_penalty_curvatures(), clipped_lora)["kfac"], max_grad_norm=0.05)
+        record = loop.backward(clipped(**shard[0]).loss)
+        results["clip"] = (record["grad_norm"], clipped_lora.flatten().detach())
+        # the strength pilot: each rank trains on its own batches; every rank must get one strength
+        piloted = _shard(make_tiny_lm())
+        piloted_lora = lc.LoRAParams.from_model(piloted)
+        before = piloted_lora.flatten().detach()
+        suggestion = lc.suggest_strength(_penalty_curvatures()["kfac"], piloted, _pilot_batches()[rank::world],
+                                         steps=20, lr=1e-2, lora=piloted_lora, prior_precision=0.1)
+        strengths = [None] * world
+        dist.all_gather_object(strengths, suggestion.strength)
+        results["suggest"] = (strengths, bool(torch.equal(piloted_lora.flatten().detach(), before)))
         if rank == 0:
             torch.save(results, os.path.join(out_dir, "fsdp.pt"))
     finally:
@@ -235,3 +263,35 @@ def test_fsdp_anchor_from_the_sharded_state_dict_is_the_full_anchor(fsdp_results
 
 def test_fsdp_registry_built_before_sharding_is_refused_by_name(fsdp_results):
     assert fsdp_results["stale_error"] is not None and "stale LoRA registry" in fsdp_results["stale_error"]
+
+
+def test_fsdp_assign_writes_full_values_into_the_shards(fsdp_results):
+    lora = lc.LoRAParams.from_model(make_tiny_lm())
+    written = lora.flatten(_displaced_anchor(lora))
+    torch.testing.assert_close(fsdp_results["assign"], written, rtol=0, atol=0)
+    torch.testing.assert_close(fsdp_results["set_adapter"], 2 * written, rtol=0, atol=0)
+
+
+def test_fsdp_clipping_uses_the_norm_of_the_full_gradient(fsdp_results):
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    pen = _penalties(_penalty_curvatures(), lora)["kfac"]
+    batches = _batches()
+    loss = sum(model(**b).loss for b in batches[:WORLD]) / WORLD + pen()
+    grads = torch.autograd.grad(loss, lora.params)
+    norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
+    assert norm > 0.05  # so that the clipping acts
+    stepped = lora.flatten().detach() - 0.1 * (0.05 / norm) * torch.cat([g.reshape(-1) for g in grads])
+    got_norm, got_params = fsdp_results["clip"]
+    assert abs(got_norm - norm) <= 1e-9 * norm
+    torch.testing.assert_close(got_params, stepped, rtol=1e-6, atol=1e-9)
+
+
+def test_fsdp_suggest_strength_is_one_strength_for_all_ranks_and_restores_the_model(fsdp_results):
+    strengths, restored = fsdp_results["suggest"]
+    assert restored
+    # the single-process pilot over the union accumulates rank 0's and rank 1's batch of each step
+    single = lc.suggest_strength(_penalty_curvatures()["kfac"], make_tiny_lm(), _pilot_batches(), steps=20, lr=1e-2,
+                                 grad_accum=WORLD, prior_precision=0.1, distributed=False)
+    assert strengths[0] == strengths[1]
+    assert abs(strengths[0] - single.strength) <= 1e-6 * single.strength

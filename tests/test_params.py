@@ -52,6 +52,24 @@ def test_flatten_unflatten_round_trip_and_row_major():
     assert not torch.equal(lora.flatten(snap), lora.flatten())  # snapshot is a detached clone
 
 
+def test_assign_writes_a_flat_vector_or_a_dict_in_place():
+    model = make_tiny_lm()
+    lora = lc.LoRAParams.from_model(model)
+    ids = [id(p) for p in lora.params]
+    target = torch.arange(lora.numel, dtype=torch.float32) / lora.numel  # another dtype: cast to the params'
+    lora.assign(target)
+    assert [id(p) for p in lora.params] == ids  # the same Parameters, written in place
+    assert torch.equal(lora.flatten().detach(), target.to(lora.params[0].dtype))
+    assert all(p.grad is None and p.requires_grad for p in lora.params)  # no autograd history
+    as_dict = {n: -v for n, v in lora.snapshot().items()}
+    lora.assign(as_dict)
+    assert torch.equal(lora.flatten().detach(), lora.flatten(as_dict))
+    with pytest.raises(ValueError, match="expected Tensor"):
+        lora.assign(target[:-1])
+    with pytest.raises(KeyError, match="missing LoRA tensors"):
+        lora.assign(dict(list(as_dict.items())[1:]))
+
+
 def test_flatten_is_differentiable():
     model = make_tiny_lm()
     lora = lc.LoRAParams.from_model(model)

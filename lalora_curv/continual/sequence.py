@@ -230,10 +230,7 @@ class TaskSequence:
 
     def set_adapter(self, tensors: Mapping[str, Tensor] | Tensor) -> None:
         """Copy an adapter (dict or flat vector, e.g. a smoothed one) into the model's LoRA weights."""
-        flat = self.lora.as_flat(tensors)
-        with torch.no_grad():
-            for p, v in zip(self.lora.params, self.lora.unflatten(flat).values()):
-                p.copy_(v)
+        self.lora.assign(tensors)  # under FSDP2 each rank keeps its shard
 
     # ------------------------------------------------------------------ io
     def _config(self) -> dict:

@@ -23,7 +23,7 @@ from ..losses import KINDS
 from ..params import LoRAParams
 from .base import CurvatureOperator
 from .registry import STRUCTURES, structure_class
-from .statistics import dist_rank, dist_world_size
+from .statistics import dist_rank, dist_world_size, resolve_distributed
 
 __all__ = ["fit_curvature", "CurvatureFitter", "STRUCTURES", "BACKENDS", "TERMS", "COMMON_OPTIONS"]
 
@@ -60,23 +60,6 @@ def _progress(batches, progress: bool, desc: str):
 
     total = len(batches) if hasattr(batches, "__len__") else None
     return tqdm(batches, desc=desc, total=total, unit="batch")
-
-
-def _resolve_distributed(value) -> bool:
-    if value == "auto":
-        return dist_world_size() > 1
-    if value is True and not _dist_initialized():
-        raise RuntimeError("distributed=True needs an initialized torch.distributed process group "
-                           "(torchrun / accelerate launch, then dist.init_process_group)")
-    if value not in (True, False):
-        raise ValueError(f"distributed must be 'auto', True or False, got {value!r}")
-    return bool(value)
-
-
-def _dist_initialized() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
 
 
 def _factor_dtype(value) -> torch.dtype:
@@ -153,7 +136,7 @@ class CurvatureFitter:
         if backend == "auto":
             backend = "hooks"
             logger.info("fit_curvature: backend='auto' uses 'hooks'")
-        self.sync = _resolve_distributed(options.get("distributed", "auto"))
+        self.sync = resolve_distributed(options.get("distributed", "auto"))
         if self.sync and backend == "curvlinops":
             raise ValueError("backend='curvlinops' does not support distributed fitting; use backend='hooks'")
         rank = dist_rank() if self.sync else 0

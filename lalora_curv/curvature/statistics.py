@@ -27,7 +27,8 @@ from .base import NonFiniteCurvatureError
 
 __all__ = [
     "KroneckerCall", "KroneckerBatch", "KroneckerMeans", "GradientRows", "GradientMoment", "Accumulator",
-    "KroneckerSums", "GradientSums", "dist_world_size", "dist_rank", "all_reduce_sum", "NoTermsError",
+    "KroneckerSums", "GradientSums", "dist_world_size", "dist_rank", "resolve_distributed", "all_reduce_sum",
+    "NoTermsError",
 ]
 
 
@@ -101,6 +102,19 @@ def dist_world_size() -> int:
 def dist_rank() -> int:
     dist = _dist()
     return dist.get_rank() if dist else 0
+
+
+def resolve_distributed(value) -> bool:
+    """The ``distributed`` option: ``"auto"`` is on when ``torch.distributed`` is initialized with more
+    than one process; True needs an initialized process group; False is off."""
+    if value == "auto":
+        return dist_world_size() > 1
+    if value is True and _dist() is None:
+        raise RuntimeError("distributed=True needs an initialized torch.distributed process group "
+                           "(torchrun / accelerate launch, then dist.init_process_group)")
+    if value not in (True, False):
+        raise ValueError(f"distributed must be 'auto', True or False, got {value!r}")
+    return bool(value)
 
 
 def all_reduce_sum(tensors: list[Tensor]) -> None:
