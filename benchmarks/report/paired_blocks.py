@@ -43,6 +43,16 @@ def caption(path: str, payload: dict, setting: str) -> str:
             f"with a 95 % bootstrap interval over seeds and items, **bold** where it excludes 0.</sub>\n\n")
 
 
+def _unchanged_note(payload: dict, setting: str, family: str, point: str) -> str:
+    """The label suffix " (found no intruder dimension: the plain LoRA model)" where every run of this point is a
+    post-hoc intruder reduction that changed nothing, so its scores are plain LoRA's by construction."""
+    runs = [r for r in payload["runs"] if (r["setting"], r["family"], r["point"]) == (setting, family, point)]
+    reports = [(r.get("info") or {}).get("intruder_report") for r in runs]
+    if runs and all(rep is not None and rep.get("intruders") == 0 for rep in reports):
+        return " (found no intruder dimension: the plain LoRA model)"
+    return ""
+
+
 def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
     """The ``table`` ("acc" | "nll" | "mcq_nll") of ``setting`` in the result at ``path``."""
     payload = load_result(root / path)
@@ -57,6 +67,7 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
     for r in rows_in:
         paired = r.get("paired") or {}
         label = r["family"] if r["point"] == "-" else f"{r['family']} ({r['point']})"
+        label += _unchanged_note(payload, setting, r["family"], r["point"])
         rows.append([label, "yes" if r["within_tolerance"] else "no",
                      _value(r["target"], r["target_sd"], pct_target), _value(r["source"], r["source_sd"], percent),
                      _delta((paired.get("LoRA") or {}).get(source), percent),

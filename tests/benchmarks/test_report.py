@@ -109,3 +109,18 @@ def test_demo_placeholder_is_rendered_once_its_json_is_committed(tmp_path):
     assert "| LoRA | 3.3000 | 25.0 % | 1.2500 |" in text
     assert "| LaLoRA (kfac, λ=210, prior 1e-3) |" not in text  # the hand table is gone
     assert check_pages(root) == []
+
+
+def test_an_intruder_reduction_that_found_nothing_is_labelled_as_the_plain_model():
+    from benchmarks.report.paired_blocks import _unchanged_note
+
+    def run(seed, intruders):
+        return {"setting": "qv", "family": "intruders", "point": "mitigation_lambda=0.75", "seed": seed,
+                "info": {"intruder_report": {"intruders": intruders, "layers": 60}}}
+
+    plain = {"setting": "qv", "family": "LoRA", "point": "-", "seed": 0, "info": {}}
+    none_found = {"runs": [plain, run(0, 0), run(1, 0)]}
+    assert "plain LoRA model" in _unchanged_note(none_found, "qv", "intruders", "mitigation_lambda=0.75")
+    assert _unchanged_note(none_found, "qv", "LoRA", "-") == ""
+    some_found = {"runs": [plain, run(0, 0), run(1, 3)]}  # one seed changed the model: no such label
+    assert _unchanged_note(some_found, "qv", "intruders", "mitigation_lambda=0.75") == ""
