@@ -417,6 +417,12 @@ def _main_table(table: str) -> Callable[[Path], str]:
     return lambda root: forgetting_paired(root, FORGETTING_MAIN, "qv", table)
 
 
+def _main_verdicts(root: Path) -> str:
+    from benchmarks.report.paired_blocks import forgetting_verdicts
+
+    return forgetting_verdicts(root, FORGETTING_MAIN, "qv")
+
+
 #: the paper's ablations and the K-FAC gap study, each its own result in the main setting
 FORGETTING_ABLATIONS = ("ablation_proxy_batches", "ablation_proxy_text", "ablation_rank", "ablation_length",
                         "ablation_lambda", "kfac_gap")
@@ -432,6 +438,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-acc": _main_table("acc"),
     "forgetting-main-nll": _main_table("nll"),
     "forgetting-main-mcq-nll": _main_table("mcq_nll"),
+    "forgetting-main-verdicts": _main_verdicts,
     **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),

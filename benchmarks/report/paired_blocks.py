@@ -117,3 +117,63 @@ def forgetting_points(root: Path, path: str) -> str:
         ["setting", "method (point)", "target exact match (test)", "WordNet MCQ accuracy (test)",
          "held-out text NLL (test)", "Δ exact match (pp) vs LoRA", "Δ MCQ accuracy (pp) vs LoRA",
          "Δ text NLL vs LoRA", "seeds"], rows)
+
+
+def _direction(d: dict | None, lower_is_better: bool) -> str:
+    """"better" / "worse" where the paired interval excludes 0, else "no significant difference"."""
+    if not d:
+        return "not measured"
+    if not d["significant"]:
+        return "no significant difference"
+    return "better" if (d["mean"] < 0) == lower_is_better else "worse"
+
+
+def _verdict(source: str, target: str) -> str:
+    """The read-out in words from the source's and the target's direction (see :func:`_direction`)."""
+    if source == "better":
+        return "trades target for source" if target == "worse" else "wins"
+    if source == "worse":
+        return "trades source for target" if target == "better" else "loses"
+    return "does not win (learns less)" if target == "worse" else "does not win"
+
+
+def forgetting_verdicts(root: Path, path: str, setting: str) -> str:
+    """One line per method and read-out of the main result: its paired differences to plain LoRA
+    (and, for LaLoRA, to L2) on the source and the target metric with their 95 % intervals, and in
+    words whether it wins (source significantly better, target not significantly worse), trades
+    (both significant, opposite ways) or does not win. Rendered from the same ``tables`` as the
+    paired tables, so no number in it is typed by hand."""
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    lines = []
+    for table, (target, source, tgt_label, src_label, percent) in TABLES.items():
+        pct_target = percent and target.endswith("_em")
+        src_lower, tgt_lower = not percent, not pct_target
+        read_out = f"at matched {tgt_label}, {src_label}"
+        for r in payload["tables"][setting][table]:
+            if r["family"] == "LoRA":  # the reference itself (its lr controls are families of their own)
+                continue
+            paired = r.get("paired") or {}
+            label = r["family"] if r["point"] == "-" else f"{r['family']} ({r['point']})"
+            label += _unchanged_note(payload, setting, r["family"], r["point"])
+            parts = []
+            for ref in ("LoRA", "L2") if r["family"].startswith("LaLoRA") else ("LoRA",):
+                d = paired.get(ref) or {}
+                src, tgt = d.get(source), d.get(target)
+                if not src or not tgt:
+                    continue
+                s_dir, t_dir = _direction(src, src_lower), _direction(tgt, tgt_lower)
+                verdict = _verdict(s_dir, t_dir)
+                unit = " pp" if percent else ""
+                tunit = " pp" if pct_target else ""
+                seeds = f"{src['n_seeds']} seed" + ("s" if src["n_seeds"] != 1 else "")
+                parts.append(f"vs {ref} ({seeds}) it **{verdict}**: source {_delta(src, percent)}{unit} "
+                             f"({s_dir}), target {_delta(tgt, pct_target)}{tunit} ({t_dir})")
+            if parts:
+                within = "" if r["within_tolerance"] else " (no point within the target tolerance: its best target)"
+                lines.append(f"- {read_out}: {label}{within}: " + "; ".join(parts) + ".")
+    note = (f"<sub>From `{path}`, setting `{setting}`, test half: each method's point as chosen on validation for "
+            f"that read-out; intervals and significance as in the tables above (Δ = method minus reference; "
+            f"\"wins\" = source significantly better and target not significantly worse).</sub>\n\n")
+    return note + "\n".join(lines) + "\n"

@@ -62,6 +62,12 @@ def test_tiny_preset_end_to_end(tmp_path):
     table = forgetting_paired(root, FORGETTING_MAIN, "qv", "acc")
     kfac_line = next(line for line in table.splitlines() if line.startswith("| LaLoRA-kfac"))
     assert kfac_line.count("[") == 4 and "validation half" in table
+    from benchmarks.report.paired_blocks import forgetting_verdicts
+
+    verdicts = [line for line in forgetting_verdicts(root, FORGETTING_MAIN, "qv").splitlines()
+                if line.startswith("- ")]
+    assert len(verdicts) == 2 * len(data["tables"]["qv"])  # L2 and LaLoRA-kfac per read-out
+    assert all("vs L2 (1 seed)" in line for line in verdicts if "LaLoRA-kfac" in line)
     # the ablation form: every grid point against plain LoRA of its setting
     from benchmarks.report.paired_blocks import forgetting_points
 

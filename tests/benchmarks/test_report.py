@@ -124,3 +124,38 @@ def test_an_intruder_reduction_that_found_nothing_is_labelled_as_the_plain_model
     assert _unchanged_note(none_found, "qv", "LoRA", "-") == ""
     some_found = {"runs": [plain, run(0, 0), run(1, 3)]}  # one seed changed the model: no such label
     assert _unchanged_note(some_found, "qv", "intruders", "mitigation_lambda=0.75") == ""
+
+
+def test_verdicts_say_in_words_what_the_paired_intervals_show(tmp_path):
+    """Each method's line names its paired intervals and the verdict they imply; a LaLoRA row is
+    also compared with L2; plain LoRA is the reference, not a line."""
+    import json
+
+    from benchmarks.report.paired_blocks import forgetting_verdicts
+
+    def diff(mean, lo, hi, n=3):
+        return {"mean": mean, "lo": lo, "hi": hi, "n_seeds": n, "significant": lo > 0 or hi < 0}
+
+    def row(family, point, paired):
+        return {"family": family, "point": point, "within_tolerance": True, "paired": paired}
+
+    nll = [row("LoRA", "-", {}),
+           row("L2", "rel=1", {"LoRA": {"src_text_nll": diff(-0.01, -0.03, 0.01), "tgt_nll": diff(0.0, -0.1, 0.1)}}),
+           row("LaLoRA-kfac", "rel=1", {"LoRA": {"src_text_nll": diff(-0.08, -0.10, -0.06),
+                                                  "tgt_nll": diff(0.01, -0.02, 0.04)},
+                                         "L2": {"src_text_nll": diff(-0.07, -0.09, -0.05),
+                                                "tgt_nll": diff(0.05, 0.02, 0.08)}})]
+    acc = [row("LaLoRA-diag", "rel=3", {"LoRA": {"src_mcq_acc": diff(-0.02, -0.03, -0.01, 1),
+                                                 "tgt_em": diff(0.05, 0.01, 0.09, 1)}})]
+    payload = {"benchmark": "forgetting", "selection": "validation (chosen) / test (reported)", "runs": [],
+               "tables": {"qv": {"nll": nll, "acc": acc, "mcq_nll": []}}}
+    path = "results.json"
+    (tmp_path / path).write_text(json.dumps(payload))
+    text = forgetting_verdicts(tmp_path, path, "qv")
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert len(lines) == 3 and not any(": LoRA" in line for line in lines)
+    diag, l2, kfac = lines  # the tables' order: acc, then nll
+    assert "vs LoRA (1 seed) it **trades source for target**" in diag and "-2.0 [-3.0, -1.0]" in diag
+    assert "vs LoRA (3 seeds) it **does not win**" in l2 and "vs L2" not in l2
+    assert "vs LoRA (3 seeds) it **wins**: source **-0.080 [-0.100, -0.060]** (better)" in kfac
+    assert "vs L2 (3 seeds) it **trades target for source**" in kfac and "(worse)" in kfac
