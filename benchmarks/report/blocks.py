@@ -417,6 +417,12 @@ def _main_table(table: str) -> Callable[[Path], str]:
     return lambda root: forgetting_paired(root, FORGETTING_MAIN, "qv", table)
 
 
+def _main_lr(root: Path) -> str:
+    from benchmarks.report.paired_blocks import forgetting_lr_controls
+
+    return forgetting_lr_controls(root, FORGETTING_MAIN, "qv")
+
+
 def _main_verdicts(root: Path) -> str:
     from benchmarks.report.paired_blocks import forgetting_verdicts
 
@@ -439,6 +445,8 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-nll": _main_table("nll"),
     "forgetting-main-mcq-nll": _main_table("mcq_nll"),
     "forgetting-main-verdicts": _main_verdicts,
+    "forgetting-main-lr": _main_lr,
+    "forgetting-main-points": _points_table("main"),
     **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),

@@ -177,3 +177,56 @@ def forgetting_verdicts(root: Path, path: str, setting: str) -> str:
             f"that read-out; intervals and significance as in the tables above (Δ = method minus reference; "
             f"\"wins\" = source significantly better and target not significantly worse).</sub>\n\n")
     return note + "\n".join(lines) + "\n"
+
+
+def _plain_lr(family: str, cfg: dict) -> float | None:
+    """The learning rate of a plain LoRA family: ``LoRA`` runs at the config's lr, ``LoRA (lr=x)`` at x."""
+    if family == "LoRA":
+        return float(cfg["lr"])
+    if family.startswith("LoRA (lr=") and family.endswith(")"):
+        return float(family[len("LoRA (lr="):-1])
+    return None
+
+
+def forgetting_lr_controls(root: Path, path: str, setting: str) -> str:
+    """Plain LoRA at every learning rate of the control grid: validation target scores (what the
+    lr is chosen on), test scores and the paired difference to plain LoRA at the main lr, and in
+    words which lr is best on validation (target exact match, ties by target NLL) and whether it is
+    the main one, so that a smaller step is never read as forgetting mitigation."""
+    payload = load_result(root / path)
+    cfg = payload["config"]
+    plain = sorted(((lr, p) for p in payload["points"] if p["setting"] == setting
+                    for lr in [_plain_lr(p["family"], cfg)] if lr is not None and p["point"] == "-"),
+                   key=lambda item: item[0])
+    if not plain:
+        raise ValueError(f"{path}: no plain LoRA point in setting {setting!r}")
+    rows = []
+    for lr, p in plain:
+        paired = p.get("paired_lora") or {}
+        rows.append([f"{lr:g}" + (" (main)" if p["family"] == "LoRA" else ""),
+                     _value(p.get("tgt_em_val"), p.get("tgt_em_val_sd"), True),
+                     _value(p.get("tgt_nll_val"), p.get("tgt_nll_val_sd"), False),
+                     _value(p.get("tgt_em_test"), p.get("tgt_em_test_sd"), True),
+                     _value(p.get("src_mcq_acc_test"), p.get("src_mcq_acc_test_sd"), True),
+                     _value(p.get("src_text_nll_test"), p.get("src_text_nll_test_sd"), False),
+                     _delta(paired.get("tgt_em"), True), _delta(paired.get("src_mcq_acc"), True),
+                     _delta(paired.get("src_text_nll"), False), str(len(p["seeds"]))])
+    scored = [(lr, p) for lr, p in plain if p.get("tgt_em_val") is not None and p.get("tgt_nll_val") is not None]
+    main_lr = float(cfg["lr"])
+    if len(scored) < 2:
+        verdict = "the control grid has not run yet: whether the main lr is the tuned one is open"
+    else:
+        best_lr, best = max(scored, key=lambda item: (item[1]["tgt_em_val"], -item[1]["tgt_nll_val"]))
+        seeds = sorted({s for _, p in scored for s in p["seeds"]})
+        verdict = (f"best on validation: lr {best_lr:g}, "
+                   + ("the main lr" if best_lr == main_lr else f"**not the main lr {main_lr:g}**")
+                   + f" (target exact match {100 * best['tgt_em_val']:.1f} %, means over seeds {seeds})")
+        if len({len(p["seeds"]) for _, p in scored}) > 1:
+            verdict += "; the learning rates ran on different numbers of seeds"
+    note = (f"<sub>From `{path}`, setting `{setting}`: plain LoRA at each learning rate of the control grid; "
+            f"{verdict}. Δ = paired difference to plain LoRA at the main lr on the test half, 95 % interval "
+            f"over seeds and items, **bold** where it excludes 0.</sub>\n\n")
+    return note + markdown_table(
+        ["lr", "target exact match (val)", "target NLL (val)", "target exact match (test)",
+         "WordNet MCQ accuracy (test)", "held-out text NLL (test)", "Δ exact match (pp)", "Δ MCQ accuracy (pp)",
+         "Δ text NLL", "seeds"], rows)

@@ -159,3 +159,28 @@ def test_verdicts_say_in_words_what_the_paired_intervals_show(tmp_path):
     assert "vs LoRA (3 seeds) it **does not win**" in l2 and "vs L2" not in l2
     assert "vs LoRA (3 seeds) it **wins**: source **-0.080 [-0.100, -0.060]** (better)" in kfac
     assert "vs L2 (3 seeds) it **trades target for source**" in kfac and "(worse)" in kfac
+
+
+def test_lr_controls_name_the_best_lr_on_validation_and_whether_it_is_the_main_one(tmp_path):
+    import json
+
+    from benchmarks.report.paired_blocks import forgetting_lr_controls
+
+    def point(family, em_val, nll_val, seeds=(0, 1, 2)):
+        return {"setting": "qv", "family": family, "point": "-", "seeds": list(seeds), "tgt_em_val": em_val,
+                "tgt_nll_val": nll_val, "tgt_em_test": em_val, "src_mcq_acc_test": 0.66, "src_text_nll_test": 3.9}
+
+    def render(points):
+        payload = {"benchmark": "forgetting", "config": {"lr": 0.002}, "points": points}
+        (tmp_path / "results.json").write_text(json.dumps(payload))
+        return forgetting_lr_controls(tmp_path, "results.json", "qv")
+
+    tuned = render([point("LoRA", 0.40, 0.60), point("LoRA (lr=0.004)", 0.40, 0.65),
+                    point("LoRA (lr=0.001)", 0.3, 0.7)])  # a tie on exact match goes to the lower NLL
+    assert "best on validation: lr 0.002, the main lr" in tuned
+    rows = [line for line in tuned.splitlines() if line.startswith("| 0.")]
+    assert [r.split(" |")[0] for r in rows] == ["| 0.001", "| 0.002 (main)", "| 0.004"]  # by lr
+    untuned = render([point("LoRA", 0.40, 0.60), point("LoRA (lr=0.004)", 0.45, 0.70, seeds=(0, 1))])
+    assert "best on validation: lr 0.004, **not the main lr 0.002**" in untuned
+    assert "different numbers of seeds" in untuned
+    assert "has not run yet" in render([point("LoRA", 0.40, 0.60), point("L2", 0.5, 0.5)])
