@@ -50,11 +50,14 @@ def run_fingerprint(cfg: Config, run: dict) -> str:
     for key in ("proxy_batches", "proxy_kind"):  # a spec spelling out the config's own proxy is the same run
         if key in spec and spec[key] == getattr(cfg, key):
             del spec[key]
+    # the learning rate the run trains at (as run.py resolves it: a grid point's, else the method's,
+    # else the setting's): an lr control {"method": "lora", "lr": x} is plain LoRA of a config at lr x
+    lr = float(run.get("hp", {}).get("lr", spec.pop("lr", setting.get("lr", cfg.lr))))
     point = {k: run[k] for k in ("seed", "method", "relative", "hp") if k in run}
     if "relative" not in run and "strength" in run:  # a relative record also holds its resolved strength
         point["strength"] = run["strength"]
     what = {"config": {k: v for k, v in cfg.to_dict().items() if k not in _NOT_PER_RUN},
-            "steps": int(setting.get("steps", cfg.steps)), "lr": float(setting.get("lr", cfg.lr)),
+            "steps": int(setting.get("steps", cfg.steps)), "lr": lr,
             "lora": lora_kwargs(cfg, setting), "spec": spec, **point}
     return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()
 

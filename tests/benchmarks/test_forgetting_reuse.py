@@ -63,6 +63,21 @@ def test_fingerprint_ignores_names_and_sees_content():
     assert run_fingerprint(cfg, {**kfac, "spec": {**kfac["spec"], "proxy_batches": 2}}) != run_fingerprint(cfg, kfac)
 
 
+def test_an_lr_control_is_the_plain_run_of_a_config_at_that_lr():
+    """{"method": "lora", "lr": x} trains exactly as plain LoRA of a config whose lr is x (same steps,
+    data, init), so either stands in for the other; at another lr neither does."""
+    cfg = _tiny([{"method": "lora"}, {"method": "lora", "lr": 5e-3}])
+    runs, _ = forgetting.expand_runs(cfg, None)
+    plain, control = runs
+    assert control["spec"] == {"method": "lora", "lr": 5e-3}
+    at_control_lr = _tiny([{"method": "lora"}])
+    at_control_lr.lr = 5e-3
+    plain_there = forgetting.expand_runs(at_control_lr, None)[0][0]
+    assert run_fingerprint(cfg, control) == run_fingerprint(at_control_lr, plain_there)
+    assert run_fingerprint(cfg, control) != run_fingerprint(cfg, plain)
+    assert run_fingerprint(cfg, {**control, "spec": {"method": "lora", "lr": 2e-3}}) != run_fingerprint(cfg, control)
+
+
 def test_a_finished_record_has_the_fingerprint_of_its_run(donor):
     _, payload = donor
     cfg = _tiny(DONOR_METHODS)
