@@ -108,6 +108,6 @@ def test_real_smollm2_knows_paris_and_has_sane_perplexity():
     assert model.config.model_type == "llama" and tok.chat_template
     continuation = E.greedy_generate(model, tok, ["The capital of France is"], max_new_tokens=8)[0]
     assert "Paris" in continuation
-    texts = D.pydoc_texts("eval", 24, seed=0)
+    texts = D.pydoc_texts("eval", 8, seed=0)  # ~2k tokens: a broken load is off by orders of magnitude
     ppl = E.perplexity(model, D.lm_batches(texts, tok, batch_size=8, seq_len=256, pad_to_longest=True))
     assert math.isfinite(ppl) and ppl < 200
