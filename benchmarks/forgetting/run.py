@@ -180,12 +180,20 @@ class Benchmark:
             model, lora, trained, hist = plain_state[(run["setting"], seed)]
             _set_params(model, trained)
             baseline = self.baselines["intruders"]
+            before = {n: p.detach().clone() for n, p in model.named_parameters()}
             baseline.post_train(model, run["hp"])
-            record.update(init=B0_INIT, info={"post_hoc_on": f"{run['setting']}/s{seed}/LoRA",
+            plain_id = f"{run['setting']}/s{seed}/LoRA/-"
+            record.update(init=B0_INIT, info={"post_hoc_on": plain_id,
                                               "intruder_report": getattr(model, "intruder_report", None)},
                           history=history_summary(hist), train_seconds=0.0)
-            record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
-            record["items"] = record["metrics"].pop("items")
+            plain = next((r for r in self.results if r["id"] == plain_id), None)
+            if plain is not None and all(torch.equal(p, before[n]) for n, p in model.named_parameters()):
+                # no intruder dimension found: the model is plain LoRA's bit for bit, so are its scores
+                record["info"]["scores_of"] = plain_id
+                record["metrics"], record["items"] = copy.deepcopy(plain["metrics"]), copy.deepcopy(plain["items"])
+            else:
+                record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
+                record["items"] = record["metrics"].pop("items")
             _set_params(model, trained)
             record["seconds"] = time.perf_counter() - t0
             record["cost"] = self.cost(run, record)

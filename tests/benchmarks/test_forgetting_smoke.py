@@ -344,3 +344,45 @@ def test_base_source_scores_are_reused_across_target_tasks(tmp_path):
     second, cached = base_scores(model, tok, other, other_data, cache, False, torch.device("cpu"))
     assert not cached and second["src_mcq_acc"] == 1.0
     assert second["items"]["tgt"] != first["items"]["tgt"]  # the new target was scored
+
+
+def test_intruder_reduction_that_changes_nothing_takes_plain_loras_scores(tmp_path, monkeypatch):
+    """peft's intruder reduction that finds no intruder dimension leaves the model bit for bit plain
+    LoRA's: the run then records plain LoRA's scores (``scores_of``) instead of evaluating again; a
+    reduction that changes a weight is evaluated."""
+    pytest.importorskip("benchmarks.baselines")
+    from benchmarks.baselines import BASELINES
+
+    def config():
+        cfg = forgetting.make_config("tiny")
+        cfg.methods = [{"method": "lora"}, {"method": "baseline", "name": "intruders",
+                                             "grid": [{"mitigation_lambda": 0.75}]}]
+        return cfg
+
+    evaluated = []
+    real_evaluate = forgetting.run.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        evaluated.append(1)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(forgetting.run, "evaluate", counting_evaluate)
+    monkeypatch.setattr(BASELINES["intruders"], "post_train", lambda model, hp: None)  # finds nothing
+    payload = forgetting.run_benchmark(config(), tmp_path / "none", "cpu", progress=False, log=lambda *_: None)
+    plain, intruders = payload["runs"]
+    assert len(evaluated) == 1  # plain LoRA only
+    assert intruders["info"]["scores_of"] == plain["id"]
+    assert intruders["metrics"] == plain["metrics"] and intruders["items"] == plain["items"]
+
+    def nudge(model, hp):  # a reduction that changes one LoRA weight
+        import torch
+
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "lora_B" in n).add_(1.0)
+
+    monkeypatch.setattr(BASELINES["intruders"], "post_train", nudge)
+    evaluated.clear()
+    payload = forgetting.run_benchmark(config(), tmp_path / "changed", "cpu", progress=False, log=lambda *_: None)
+    plain, intruders = payload["runs"]
+    assert len(evaluated) == 2 and "scores_of" not in intruders["info"]
+    assert intruders["metrics"]["tgt_nll"] != plain["metrics"]["tgt_nll"]
