@@ -14,6 +14,9 @@ Parts, in order (the main preset first, the comparisons that matter most first i
   finished runs of ``main/parts/s{seed}`` (:mod:`benchmarks.forgetting.reuse`), so it waits until
   that main part is complete.
 
+A part also reuses the identical runs of the finished results listed in :data:`ARCHIVES` for its
+preset (e.g. learning-rate controls run ahead of the main parts), without waiting for them.
+
 When every part of a preset is complete, a worker merges them into ``<preset>/results.json`` (again
 whenever a part's result is newer than the merged one); ``python -m benchmarks.report`` then renders
 the pages. ``--status`` prints every part (runs done / total, complete, held by a worker);
@@ -42,12 +45,19 @@ ABLATION_ORDER = ("ablation_lambda", "kfac_gap", "ablation_proxy_batches", "abla
                   "ablation_length")
 
 
+#: finished results of other configurations whose identical runs (same fingerprint, see
+#: :mod:`benchmarks.forgetting.reuse`) a preset's parts reuse; unlike donors they are never waited
+#: for. Folders relative to the results root, ``{seed}`` filled in; only those that exist are passed.
+ARCHIVES = {"main": ("lr_probe",)}
+
+
 @dataclass(frozen=True)
 class Part:
     preset: str
     seed: int
     out: Path
     donors: tuple[Path, ...] = ()
+    archives: tuple[Path, ...] = ()
 
     @property
     def name(self) -> str:
@@ -56,8 +66,14 @@ class Part:
 
 def campaign_parts(root: Path = RESULTS_DIR) -> list[Part]:
     """Every part of the campaign, in the order workers take them."""
-    main = [Part("main", s, root / "main" / "parts" / f"s{s}") for s in make_config("main").seeds]
-    ablations = [Part(preset, s, root / preset / "parts" / f"s{s}", (root / "main" / "parts" / f"s{s}",))
+    def archives(preset: str, seed: int) -> tuple[Path, ...]:
+        folders = (root / rel.format(seed=seed) for rel in ARCHIVES.get(preset, ()))
+        return tuple(f for f in folders if (f / "results.json").exists())
+
+    main = [Part("main", s, root / "main" / "parts" / f"s{s}", archives=archives("main", s))
+            for s in make_config("main").seeds]
+    ablations = [Part(preset, s, root / preset / "parts" / f"s{s}", (root / "main" / "parts" / f"s{s}",),
+                      archives(preset, s))
                  for preset in ABLATION_ORDER for s in make_config(preset).seeds]
     return main + ablations
 
@@ -74,7 +90,8 @@ def progress_of(out: Path) -> tuple[int, bool]:
 def command(part: Part, python: str = sys.executable) -> list[str]:
     cmd = [python, "-m", "benchmarks.forgetting", "--preset", part.preset, "--set", f"seeds=[{part.seed}]",
            "--set", f"plain_seeds=[{part.seed}]", "--output-dir", str(part.out), "--no-progress", "--resume"]
-    return cmd + (["--reuse", *map(str, part.donors)] if part.donors else [])
+    reuse = part.donors + part.archives
+    return cmd + (["--reuse", *map(str, reuse)] if reuse else [])
 
 
 def runnable(part: Part) -> bool:

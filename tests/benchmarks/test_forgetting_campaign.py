@@ -35,6 +35,20 @@ def test_the_real_campaign_lists_main_first_and_ablations_reusing_their_main_see
     assert "--reuse" not in campaign.command(parts[0], python="python")
 
 
+def test_archives_that_exist_are_reused_but_never_waited_for(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "ARCHIVES", {"main": ("probe", "old/s{seed}")})
+    _finish(Part("x", 0, tmp_path / "probe"), complete=False)  # unfinished: still reused, not waited for
+    _finish(Part("x", 1, tmp_path / "old" / "s1"))
+    parts = {p.name: p for p in campaign.campaign_parts(tmp_path)}
+    assert parts["main/s0"].archives == (tmp_path / "probe",)  # old/s0 does not exist
+    assert parts["main/s1"].archives == (tmp_path / "probe", tmp_path / "old" / "s1")
+    assert parts["main/s1"].donors == () and campaign.runnable(parts["main/s1"])
+    cmd = campaign.command(parts["main/s1"], python="python")
+    assert cmd[cmd.index("--reuse") + 1:] == [str(tmp_path / "probe"), str(tmp_path / "old" / "s1")]
+    ablation = next(p for p in parts.values() if p.preset != "main")
+    assert ablation.archives == () and campaign.command(ablation, python="python")[-2] == "--reuse"
+
+
 def test_worker_runs_in_order_and_ablations_after_their_donor(tmp_path):
     parts = _parts(tmp_path)
     order = []
