@@ -153,8 +153,13 @@ class Benchmark:
         return self.curv_cache[key]
 
     # ---------------------------------------------------------------- one run
-    def run_one(self, base_model, tokenizer, data: Data, run: dict, plain_state: dict) -> list[dict]:
-        """Train and evaluate one run (``intruders``: post-process the plain LoRA run of the seed)."""
+    def run_one(self, base_model, tokenizer, data: Data, run: dict, plain_state: dict,
+                known: dict | None = None) -> list[dict]:
+        """Train and evaluate one run (``intruders``: post-process the plain LoRA run of the seed).
+
+        ``known``: this run's finished record, when it trains again only for its model (plain LoRA,
+        for a calibration, the intruder reduction or a refit warm-up): if the new training's losses
+        equal the record's step for step, the model is the same and the record stands unscored again."""
         from lalora_curv import L2Penalty, LaplacePenalty, LoRAParams
         from lalora_curv.experiments.models import add_lora
         from lalora_curv.training import finetune
@@ -263,9 +268,16 @@ class Benchmark:
             with torch.no_grad():
                 info["final_quadratic"] = float(penalty.quadratic()) if hasattr(penalty, "quadratic") else None
         record.update(info=info, history=history_summary(hist), train_seconds=train_seconds)
-        record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
-        record["items"] = record["metrics"].pop("items")
-        record["seconds"] = time.perf_counter() - t0
+        same = known is not None and (known.get("history") or {}).get("task_loss") == record["history"]["task_loss"]
+        if same:  # ``trained_again``: its model was rebuilt here, its scores are the record's
+            record = {**copy.deepcopy(known), "trained_again": True}
+        else:
+            if known is not None:
+                self.notes.append(f"{run['id']}: trained again for its model, but its losses differ from the "
+                                  "earlier run's, so it was scored again")
+            record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
+            record["items"] = record["metrics"].pop("items")
+            record["seconds"] = time.perf_counter() - t0
         if is_plain(run) and cfg.em_mode == "teacher_forced" and "em_check" not in data.info:
             # after training, where the model writes answers: the one-pass exact match against generation
             check = check_teacher_forced_em(model, tokenizer, cfg, data)
@@ -276,8 +288,9 @@ class Benchmark:
         if is_plain(run):
             plain_state[(run["setting"], seed)] = (model, lora, lora.snapshot(), hist)
             self.calibrate(model, lora, run, data, tokenizer, hist)
-            self.plain_train_seconds[(run["setting"], seed)] = train_seconds
-        record["cost"] = self.cost(run, record)
+            self.plain_train_seconds[(run["setting"], seed)] = record["train_seconds"]
+        if not same:
+            record["cost"] = self.cost(run, record)
         return [record]
 
     def _refit_switch(self, model, lora, run: dict, data: Data, tokenizer, info: dict) -> dict:
@@ -435,7 +448,7 @@ class Benchmark:
                 if is_plain(run):  # what reuses this run still counts its training in its cost
                     self.plain_train_seconds[(run["setting"], run["seed"])] = self.done[run["id"]]["train_seconds"]
             else:
-                records = self.run_one(base_model, tokenizer, data, run, plain_state)
+                records = self.run_one(base_model, tokenizer, data, run, plain_state, known=self.done.get(run["id"]))
                 self.results.extend(records)
                 for r in records:
                     self.log(f"[forgetting] {r['id']}: {brief(r['metrics'])} "

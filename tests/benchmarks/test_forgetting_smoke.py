@@ -88,9 +88,10 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert payload2["provenance"][0] == data["provenance"][0] and len(payload2["provenance"]) == 2
 
 
-def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path):
+def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path, monkeypatch):
     """A relative strength needs the calibration at plain LoRA's solution: when an unfinished run needs
-    one that was not saved, plain LoRA trains again first; when it was saved, nothing retrains."""
+    one that was not saved, plain LoRA trains again first (and, its losses equal to the saved run's,
+    keeps its saved scores instead of being scored again); when it was saved, nothing retrains."""
     def config():
         cfg = forgetting.make_config("tiny")
         cfg.methods = [{"method": "lora"}, {"method": "l2", "relative_strengths": [1.0]}]
@@ -113,13 +114,32 @@ def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path):
     assert again["l2"]["cost"]["calibration_plain_lora_run"] == again["lora"]["train_seconds"]
 
     # L2 unfinished and no calibration saved: plain LoRA trains again and calibrates
+    scored = []
+    real_evaluate = forgetting.run.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        scored.append(1)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(forgetting.run, "evaluate", counting_evaluate)
     (tmp_path / "results.json").write_text(json.dumps({**saved, "runs": saved["runs"][:1], "calibration": {}}))
     payload = resume()
     retrained = by_method(payload)
-    assert retrained["lora"]["seconds"] != by_method(saved)["lora"]["seconds"]
+    assert len(scored) == 1  # L2 only: plain LoRA's training repeated its losses, so its scores stand
+    assert retrained["lora"] == {**by_method(saved)["lora"], "trained_again": True}
     assert "l2" in payload["calibration"]["qv/s0"]
     assert retrained["l2"]["strength"] == pytest.approx(by_method(first)["l2"]["strength"], rel=1e-4)
     assert retrained["l2"]["cost"]["calibration_plain_lora_run"] == retrained["lora"]["train_seconds"]
+
+    # a saved plain record whose losses the new training does not repeat is scored again, with a note
+    tampered = by_method(saved)["lora"]
+    losses = [0.0] * len(tampered["history"]["task_loss"])
+    tampered = {**tampered, "history": {**tampered["history"], "task_loss": losses}}
+    scored.clear()
+    (tmp_path / "results.json").write_text(json.dumps({**saved, "runs": [tampered], "calibration": {}}))
+    payload = resume()
+    assert len(scored) == 2 and by_method(payload)["lora"]["history"] != tampered["history"]
+    assert any("losses differ" in n for n in payload["notes"])
 
 
 def test_small_preset_runs_and_tables():
