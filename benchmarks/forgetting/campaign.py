@@ -48,7 +48,7 @@ ABLATION_ORDER = ("ablation_lambda", "kfac_gap", "ablation_proxy_batches", "abla
 #: finished results of other configurations whose identical runs (same fingerprint, see
 #: :mod:`benchmarks.forgetting.reuse`) a preset's parts reuse; unlike donors they are never waited
 #: for. Folders relative to the results root, ``{seed}`` filled in; only those that exist are passed.
-ARCHIVES = {"main": ("lr_probe",)}
+ARCHIVES = {"main": ("main_lr2e-3/parts/s{seed}", "lr_probe")}
 
 
 @dataclass(frozen=True)
