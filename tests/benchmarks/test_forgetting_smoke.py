@@ -88,6 +88,19 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert payload2["provenance"][0] == data["provenance"][0] and len(payload2["provenance"]) == 2
 
 
+def _count_evaluations(monkeypatch) -> list:
+    """A list that gains one entry per full evaluation the benchmark runs from now on."""
+    calls = []
+    real_evaluate = forgetting.run.evaluate
+
+    def counting_evaluate(*args, **kwargs):
+        calls.append(1)
+        return real_evaluate(*args, **kwargs)
+
+    monkeypatch.setattr(forgetting.run, "evaluate", counting_evaluate)
+    return calls
+
+
 def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path, monkeypatch):
     """A relative strength needs the calibration at plain LoRA's solution: when an unfinished run needs
     one that was not saved, plain LoRA trains again first (and, its losses equal to the saved run's,
@@ -114,14 +127,7 @@ def test_resume_retrains_plain_lora_only_for_a_missing_calibration(tmp_path, mon
     assert again["l2"]["cost"]["calibration_plain_lora_run"] == again["lora"]["train_seconds"]
 
     # L2 unfinished and no calibration saved: plain LoRA trains again and calibrates
-    scored = []
-    real_evaluate = forgetting.run.evaluate
-
-    def counting_evaluate(*args, **kwargs):
-        scored.append(1)
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(forgetting.run, "evaluate", counting_evaluate)
+    scored = _count_evaluations(monkeypatch)
     (tmp_path / "results.json").write_text(json.dumps({**saved, "runs": saved["runs"][:1], "calibration": {}}))
     payload = resume()
     retrained = by_method(payload)
@@ -379,14 +385,7 @@ def test_intruder_reduction_that_changes_nothing_takes_plain_loras_scores(tmp_pa
                                              "grid": [{"mitigation_lambda": 0.75}]}]
         return cfg
 
-    evaluated = []
-    real_evaluate = forgetting.run.evaluate
-
-    def counting_evaluate(*args, **kwargs):
-        evaluated.append(1)
-        return real_evaluate(*args, **kwargs)
-
-    monkeypatch.setattr(forgetting.run, "evaluate", counting_evaluate)
+    evaluated = _count_evaluations(monkeypatch)
     monkeypatch.setattr(BASELINES["intruders"], "post_train", lambda model, hp: None)  # finds nothing
     payload = forgetting.run_benchmark(config(), tmp_path / "none", "cpu", progress=False, log=lambda *_: None)
     plain, intruders = payload["runs"]
