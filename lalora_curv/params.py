@@ -426,7 +426,7 @@ class LoRAParams:
         flat = self.as_flat(value)
         with torch.no_grad():
             for p, v in zip(self.params, self.unflatten(flat).values()):
-                copy_full_(p, v.to(p.dtype))
+                copy_full_(p, v)  # cast to p's dtype by the copy
 
     @property
     def device(self) -> torch.device:

@@ -223,23 +223,25 @@ def test_fsdp_penalty_value_and_gradient_equal_unsharded(fsdp_results, name):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
 
 
-def test_fsdp_step_gradient_is_mean_task_gradient_plus_penalty_gradient(fsdp_results):
+def _unsharded_step_loss(penalty: str):
+    """``(lora, loss)`` of the step the ranks take together, on one unsharded model: the mean of the
+    ranks' task losses (each rank one batch) plus the penalty ``penalty``."""
     model = make_tiny_lm()
     lora = lc.LoRAParams.from_model(model)
-    pen = _penalties(_penalty_curvatures(), lora)["kfac"]
-    batches = _batches()
-    loss = sum(model(**b).loss for b in batches[:WORLD]) / WORLD + pen()
+    pen = _penalties(_penalty_curvatures(), lora)[penalty]
+    loss = sum(model(**b).loss for b in _batches()[:WORLD]) / WORLD + pen()
+    return lora, loss
+
+
+def test_fsdp_step_gradient_is_mean_task_gradient_plus_penalty_gradient(fsdp_results):
+    lora, loss = _unsharded_step_loss("kfac")
     loss.backward()
     for p, g in zip(lora.params, fsdp_results["step"]):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
 
 
 def test_fsdp_root_only_sharding_penalty_after_forward(fsdp_results):
-    model = make_tiny_lm()
-    lora = lc.LoRAParams.from_model(model)
-    pen = _penalties(_penalty_curvatures(), lora)["kfac_delta_w"]
-    batches = _batches()
-    loss = sum(model(**b).loss for b in batches[:WORLD]) / WORLD + pen()
+    lora, loss = _unsharded_step_loss("kfac_delta_w")
     loss.backward()
     for p, g in zip(lora.params, fsdp_results["step_root_only"]):
         torch.testing.assert_close(g, p.grad, rtol=1e-9, atol=1e-12)
@@ -273,11 +275,7 @@ def test_fsdp_assign_writes_full_values_into_the_shards(fsdp_results):
 
 
 def test_fsdp_clipping_uses_the_norm_of_the_full_gradient(fsdp_results):
-    model = make_tiny_lm()
-    lora = lc.LoRAParams.from_model(model)
-    pen = _penalties(_penalty_curvatures(), lora)["kfac"]
-    batches = _batches()
-    loss = sum(model(**b).loss for b in batches[:WORLD]) / WORLD + pen()
+    lora, loss = _unsharded_step_loss("kfac")
     grads = torch.autograd.grad(loss, lora.params)
     norm = float(torch.cat([g.reshape(-1) for g in grads]).norm())
     assert norm > 0.05  # so that the clipping acts

@@ -222,9 +222,7 @@ def make_directions(model, lora, tok, cfg: dict, device, want_delta_w: bool, pro
     res = finetune(model, tb, steps=ft["steps"], lr=ft["lr"], seed=cfg["seed"], progress=False, lora=lora)
     disp = (lora.flatten(res.params) - flat0).cpu()
     dw_disp = (flat_delta_w(lora, res.params) - dw0).cpu() if want_delta_w else None
-    with torch.no_grad():
-        for n, p in zip(lora.names, lora.params):
-            p.copy_(theta0[n])
+    lora.assign(theta0)
     model.eval()
     names.append("finetune_disp")
     cols.append(disp)

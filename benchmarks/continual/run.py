@@ -115,13 +115,6 @@ def evaluate(model, tokenizer, cfg: Config, data: Data) -> dict:
     return out
 
 
-def set_adapter(lora, value) -> None:
-    flat = lora.as_flat(value)
-    with torch.no_grad():
-        for p, v in zip(lora.params, lora.unflatten(flat).values()):
-            p.copy_(v)
-
-
 # ============================================================================================
 # The benchmark
 # ============================================================================================
@@ -198,7 +191,7 @@ class Benchmark:
 
         cfg, spec, T = self.cfg, METHOD_SPECS[name], len(self.data.tasks)
         t0 = time.perf_counter()
-        set_adapter(lora, shared["theta1"])
+        lora.assign(shared["theta1"])
         columns = [self.base_eval, shared["eval1"]]
         histories = [shared["history1"]]
         seq, strength = None, None
@@ -249,7 +242,7 @@ class Benchmark:
         columns = [self.base_eval]
         moves = []
         for t in range(T - 1):
-            set_adapter(lora, sm.means[t])
+            lora.assign(sm.means[t])
             columns.append(self._eval(model, f"{name} s{filt['seed']} smoothed adapter of task {t + 1}"))
             step = (means[t + 1] - means[t]).norm()
             moves.append({"task": t + 1, "smoothed_minus_filtered_norm": float((sm.means[t] - means[t]).norm()),
@@ -283,10 +276,10 @@ class Benchmark:
             pen = L2Penalty(shared["theta1"], strength=1.0, lora=lora)
         else:
             pen = seq.prior_penalty(1.0)
-        set_adapter(lora, shared["theta2_plain"])
+        lora.assign(shared["theta2_plain"])
         with torch.no_grad():
             value = float(pen())
-        set_adapter(lora, current)
+        lora.assign(current)
         strength = self.cfg.penalty_ratio * shared["loss2_plain"] / value
         self.calibration["strength"][name] = strength
         self.calibration["penalty_at_plain_theta2"][name] = value

@@ -140,13 +140,6 @@ def train_in_phases(model: nn.Module, batches: Sequence, *, steps: int, switch_a
     return history, seconds, penalty
 
 
-def load_snapshot(lora, values: dict) -> None:
-    """Set the LoRA weights of ``lora`` to a snapshot (``name -> tensor``, as ``lora.snapshot()``)."""
-    with torch.no_grad():
-        for name, p in zip(lora.names, lora.params):
-            p.copy_(values[name])
-
-
 def refit_curvature(bench, model: nn.Module, lora, run: dict, proxy_key: tuple, proxy: list[dict], structure: str,
                     k: int):
     """The curvature of ``structure`` fitted at the model's current weights, the warm-up point of ``k``
@@ -187,11 +180,11 @@ def calibrate_refits(bench, model: nn.Module, lora, run: dict, setting: dict, da
             raise RuntimeError(f"{run['id']}: no snapshot of plain LoRA after {k} steps to calibrate "
                                f"{calibration_key(structure, k)!r}")
         proxy_key, proxy = proxy_for(bench.cfg, data, tokenizer, {})
-        load_snapshot(lora, snapshot)
+        lora.assign(snapshot)
         try:
             curv, _ = refit_curvature(bench, model, lora, run, proxy_key, proxy, structure, k)
         finally:
-            load_snapshot(lora, trained)
+            lora.assign(trained)
         pen = LaplacePenalty(curv, anchor=anchor, strength=2.0, lora=lora)
         with torch.no_grad():
             q = float(pen.quadratic())

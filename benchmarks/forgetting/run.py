@@ -27,7 +27,7 @@ from benchmarks.forgetting.refit import (
 )
 from benchmarks.forgetting.report import brief, write_outputs
 from benchmarks.forgetting.reuse import adopt_finished_runs, check_same_base
-from benchmarks.forgetting.runs import expand_runs, is_plain, setting_allows
+from benchmarks.forgetting.runs import expand_runs, is_plain, run_id, setting_allows
 from benchmarks.harness import (
     Provenance,
     fit_options_for,
@@ -66,13 +66,6 @@ def history_summary(history: list[dict], k: int = 5) -> dict:
     return {"steps": len(history), "task_loss_first": task[0], "task_loss_last": last_task,
             "penalty_last": last_pen, "penalty_task_ratio_last": last_pen / last_task if last_task else None,
             "penalty_max": max(pen), "task_loss": [round(x, 5) for x in task], "penalty": [round(x, 6) for x in pen]}
-
-
-def _set_params(model, values: dict) -> None:
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for name, value in values.items():
-            params[name].copy_(value)
 
 
 # ============================================================================================
@@ -183,11 +176,11 @@ class Benchmark:
         if run["method"] == "baseline" and spec["name"] == "intruders":
             # plain LoRA (identical setup: standard init, same seed) + post-hoc intruder reduction
             model, lora, trained, hist = plain_state[(run["setting"], seed)]
-            _set_params(model, trained)
+            lora.assign(trained)
             baseline = self.baselines["intruders"]
             before = {n: p.detach().clone() for n, p in model.named_parameters()}
             baseline.post_train(model, run["hp"])
-            plain_id = f"{run['setting']}/s{seed}/LoRA/-"
+            plain_id = run_id(run["setting"], seed, "LoRA", "-")
             record.update(init=B0_INIT, info={"post_hoc_on": plain_id,
                                               "intruder_report": getattr(model, "intruder_report", None)},
                           history=history_summary(hist), train_seconds=0.0)
@@ -199,7 +192,7 @@ class Benchmark:
             else:
                 record["metrics"] = evaluate(model, tokenizer, cfg, data, generate=generate, progress=self.progress)
                 record["items"] = record["metrics"].pop("items")
-            _set_params(model, trained)
+            lora.assign(trained)
             record["seconds"] = time.perf_counter() - t0
             record["cost"] = self.cost(run, record)
             return [record]
@@ -392,7 +385,7 @@ class Benchmark:
                 q = float(pen.quadratic())
             out[structure] = {"q": q, "lam_ratio1": 2 * task / q if q > 0 else None}
         del init_model
-        _set_params(model, trained)
+        lora.assign(trained)
         out.update(calibrate_refits(self, model, lora, run, setting, data, tokenizer, anchor, trained, task))
         # the fits made here are the runs' own curvatures (cached), counted in their cost once
         out["seconds"] = (time.perf_counter() - t_start

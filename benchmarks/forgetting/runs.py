@@ -101,5 +101,10 @@ def expand_runs(cfg: Config, baselines: dict | None) -> tuple[list[dict], list[s
     order = {(r["setting"], r["seed"]): i for i, r in enumerate(runs)}
     runs.sort(key=lambda r: (order[(r["setting"], r["seed"])], not is_plain(r)))
     for r in runs:
-        r["id"] = f"{r['setting']}/s{r['seed']}/{r['family']}/{r['point']}"
+        r["id"] = run_id(r["setting"], r["seed"], r["family"], r["point"])
     return runs, notes
+
+
+def run_id(setting: str, seed: int, family: str, point: str) -> str:
+    """A run's id: ``<setting>/s<seed>/<family>/<point>`` (plain LoRA's point is ``-``)."""
+    return f"{setting}/s{seed}/{family}/{point}"
