@@ -294,14 +294,15 @@ def cmd_fit(args) -> int:
 
 
 def cmd_finetune(args) -> int:
+    # checked before the model stack is imported: a wrong path fails in a second, not after a model load
+    if args.curvature is not None and not args.curvature.is_file():
+        raise CLIError(f"curvature file not found: {args.curvature}")
     import lalora_curv as lc
 
     from .experiments.pipeline import attach_lora, build_penalty, load_base_model, save_adapter, train_batches
     from .training import finetune
 
     cfg = _config(args)
-    if args.curvature is not None and not args.curvature.is_file():
-        raise CLIError(f"curvature file not found: {args.curvature}")
     model, tok = load_base_model(cfg)
     model = attach_lora(model, cfg)
     curv = None
@@ -498,6 +499,10 @@ def error_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {message}" if message else type(err).__name__
 
 
+#: third-party loggers kept at ERROR unless --debug / LALORA_DEBUG=1
+QUIET_LOGGERS = ("bitsandbytes",)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns the exit code (usage errors raise ``SystemExit(2)`` as argparse does)."""
     parser = build_parser()
@@ -516,6 +521,10 @@ def main(argv: list[str] | None = None) -> int:
             from transformers.utils import logging as hf_logging
 
             hf_logging.set_verbosity_error()
+            # import-time notices of optional dependencies (bitsandbytes logs a missing `kernels` hub
+            # package on AVX512-BF16 CPUs) are not the user's problem here; --debug shows them
+            for name in QUIET_LOGGERS:
+                logging.getLogger(name).setLevel(logging.ERROR)
         if getattr(args, "no_progress", False):
             from transformers.utils import logging as hf_logging
 

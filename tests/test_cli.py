@@ -170,6 +170,34 @@ def test_runtime_error_in_a_fresh_process_exits_1_and_usage_error_2():
     assert run.returncode == 2 and "invalid choice: 'kfack'" in run.stderr
 
 
+def in_fresh_process(code: str) -> subprocess.CompletedProcess:
+    environment = {k: v for k, v in os.environ.items() if k != "LALORA_DEBUG"}
+    environment.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=environment)
+
+
+def test_a_missing_curvature_fails_before_the_model_stack_is_imported():
+    run = in_fresh_process(
+        "import sys; from lalora_curv.cli import main\n"
+        f"code = main({MISSING_CURVATURE!r})\n"
+        "heavy = ('lalora_curv.experiments.pipeline', 'peft', 'bitsandbytes')\n"
+        "print(code, sorted(m for m in heavy if m in sys.modules))")
+    assert run.stdout.strip() == "1 []", run.stdout + run.stderr
+
+
+def test_third_party_import_notices_stay_quiet_without_debug():
+    """bitsandbytes logs a warning at import on AVX512-BF16 CPUs (no `kernels` package): one error line stays one."""
+    run = in_fresh_process(
+        "import logging; from lalora_curv.cli import main\n"
+        f"main({MISSING_CURVATURE!r})\n"
+        "logging.getLogger('bitsandbytes.backends.cpu.ops').warning('import-time notice')\n"
+        "logging.getLogger('lalora_curv').warning('our own warning')")
+    assert run.stderr.strip().splitlines() == [
+        "lalora-curv: error: curvature file not found: /nonexistent/curvature.safetensors",
+        "lalora_curv: our own warning"]
+
+
 @pytest.mark.parametrize("via", ["module", "console_script"])
 def test_version_prints_the_package_version(via):
     run = run_cli("--version", via=via)
