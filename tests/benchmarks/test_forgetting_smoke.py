@@ -214,9 +214,11 @@ def test_relative_strengths_and_merging_parts(tmp_path):
                                                   + a["calibration"]["qv/s0"]["seconds"])
     assert plain["cost"] == {"seconds": plain["train_seconds"], "train": plain["train_seconds"]}
 
-    for part, commit in (("a", "a" * 40), ("b", "b" * 40)):  # as if the parts ran on different commits
+    # as if the parts ran on different commits and hosts
+    for part, commit, host in (("a", "a" * 40, "AMD EPYC"), ("b", "b" * 40, "Intel Xeon")):
         payload = json.loads((tmp_path / part / "results.json").read_text())
         payload["provenance"][0]["commit"] = commit
+        payload["provenance"][0]["device_name"] = host
         (tmp_path / part / "results.json").write_text(json.dumps(payload))
     merged = forgetting.merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]  # every part's, not the first's
@@ -224,6 +226,10 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     assert sorted(r["id"] for r in merged["runs"]) == ["qv/s0/L2/rel=2", "qv/s0/LoRA/-", "qv/s1/LoRA/-"]
     assert merged["forgetting_evidence"]["qv"]["n_seeds"] == 2
     assert (tmp_path / "m" / "summary.md").is_file() and (tmp_path / "m" / "pareto_nll.png").is_file()
+    # the summary names every host and does not pass one process's wall time off as the total
+    header = (tmp_path / "m" / "summary.md").read_text().splitlines()[2]
+    assert "Device: AMD EPYC, Intel Xeon (cpu)" in header and "Ran in 2 processes" in header
+    assert "Total wall time" not in header and "comparable only between runs of the same host" in header
     # a run repeated by two parts (plain LoRA, needed by each for its calibration) merges once if its
     # scores agree, and is a conflict if they do not
     again = forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
