@@ -53,6 +53,12 @@ def _unchanged_note(payload: dict, setting: str, family: str, point: str) -> str
     return ""
 
 
+def hosts(payload: dict) -> list[str]:
+    """The CPU/GPU names the result's processes ran on (``provenance``), in order of first use."""
+    names = [p.get("device_name") for p in payload.get("provenance") or []]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
     """The ``table`` ("acc" | "nll" | "mcq_nll") of ``setting`` in the result at ``path``."""
     payload = load_result(root / path)
@@ -77,10 +83,19 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
                      "-" if r.get("cost_seconds") is None else f"{r['cost_seconds']:.0f}", str(r["seeds"])])
     unit = " (pp)" if percent else ""
     tunit = " (pp)" if pct_target else ""
-    return caption(path, payload, setting) + markdown_table(
-        ["method (point)", "within tolerance", f"{tgt_label} (test)", f"{src_label} (test)",
-         f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
-         f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"], rows)
+    header = ["method (point)", "within tolerance", f"{tgt_label} (test)", f"{src_label} (test)",
+              f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
+              f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"]
+    text = caption(path, payload, setting)
+    ran_on = hosts(payload)
+    if len(ran_on) > 1:  # seconds from machines of different speed would rank methods by their host
+        header.pop(-2)
+        for row in rows:
+            row.pop(-2)
+        text = text[:-len("</sub>\n\n")] + (f" No cost column: the runs ran on {len(ran_on)} hosts of different "
+                                             f"speed ({', '.join(ran_on)}), so their seconds do not compare; "
+                                             "the cost benchmark times the methods on one machine.</sub>\n\n")
+    return text + markdown_table(header, rows)
 
 
 def forgetting_points(root: Path, path: str) -> str:

@@ -184,3 +184,28 @@ def test_lr_controls_name_the_best_lr_on_validation_and_whether_it_is_the_main_o
     assert "best on validation: lr 0.004, **not the main lr 0.002**" in untuned
     assert "different numbers of seeds" in untuned
     assert "has not run yet" in render([point("LoRA", 0.40, 0.60), point("L2", 0.5, 0.5)])
+
+
+def test_the_cost_column_is_dropped_when_the_runs_ran_on_hosts_of_different_speed(tmp_path):
+    import json
+
+    from benchmarks.report.paired_blocks import forgetting_paired
+
+    row = {"family": "LoRA", "point": "-", "within_tolerance": True, "paired": {}, "target": 0.5,
+           "target_sd": None, "source": 3.9, "source_sd": None, "cost_seconds": 456.0, "seeds": 1}
+    payload = {"benchmark": "forgetting", "preset": "main", "device": "cpu", "runs": [],
+               "selection": "validation (chosen) / test (reported)", "base": {},
+               "config": {"settings": [{"name": "qv", "target_modules": ["q_proj", "v_proj"]}], "r": 8, "lr": 1e-3,
+                          "steps": 60, "target_task": "chain_sum", "curvature_kind": "mc"},
+               "tables": {"qv": {"nll": [row]}}, "provenance": [{"device_name": "AMD EPYC"}]}
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(payload))
+    one_host = forgetting_paired(tmp_path, "results.json", "qv", "nll")
+    assert "| cost (s) |" in one_host and "| 456 |" in one_host and "No cost column" not in one_host
+    payload["provenance"] += [{"device_name": "AMD EPYC"}, {"device_name": "Intel Xeon"}]
+    path.write_text(json.dumps(payload))
+    two_hosts = forgetting_paired(tmp_path, "results.json", "qv", "nll")
+    assert "cost (s)" not in two_hosts and "456" not in two_hosts
+    assert "No cost column: the runs ran on 2 hosts of different speed (AMD EPYC, Intel Xeon)" in two_hosts
+    header, rule, *rows = [line for line in two_hosts.splitlines() if line.startswith("|")]
+    assert header.count("|") == rule.count("|") == rows[0].count("|")  # the table stays rectangular
