@@ -70,10 +70,15 @@ def run_cli(*argv: str, via: str = "module", env: dict[str, str] | None = None) 
     """The CLI in a fresh process (``python -m lalora_curv`` or the installed console script), on
     this checkout's code: PYTHONPATH puts it ahead of whatever checkout the environment installed."""
     command = [sys.executable, "-m", "lalora_curv"] if via == "module" else [str(CONSOLE_SCRIPT)]
+    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
+                          env=fresh_environment(env))
+
+
+def fresh_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without LALORA_DEBUG, with this checkout first on PYTHONPATH."""
     environment = {k: v for k, v in os.environ.items() if k != "LALORA_DEBUG"}
     environment.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})})
-    return subprocess.run([*command, *argv], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=environment)
+    return environment
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -171,10 +176,8 @@ def test_runtime_error_in_a_fresh_process_exits_1_and_usage_error_2():
 
 
 def in_fresh_process(code: str) -> subprocess.CompletedProcess:
-    environment = {k: v for k, v in os.environ.items() if k != "LALORA_DEBUG"}
-    environment.update({"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd=REPO,
-                          env=environment)
+                          env=fresh_environment())
 
 
 def test_a_missing_curvature_fails_before_the_model_stack_is_imported():

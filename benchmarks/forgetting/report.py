@@ -144,24 +144,29 @@ def _pm(mean, sd, digits=3) -> str:
     return f"{mean:+.{digits}f} ± {sd:.{digits}f}" if sd is not None else f"{mean:+.{digits}f}"
 
 
+def hosts(payload: dict) -> list[str]:
+    """The CPU/GPU names the result's processes ran on (``provenance``), in order of first use."""
+    names = [p.get("device_name") for p in payload.get("provenance") or []]
+    return list(dict.fromkeys(n for n in names if n))
+
+
 def render_markdown(payload: dict, summary: dict) -> str:
     cfg = payload["config"]
     base = payload["base"]
     machine = payload["machine"]
     # a resumed or merged result ran in several processes, possibly on several hosts (provenance)
     processes = payload.get("provenance") or []
-    hosts = list(dict.fromkeys(p.get("device_name") for p in processes if p.get("device_name"))) \
-        or [machine["device_name"]]
+    ran_on = hosts(payload) or [machine["device_name"]]
     wall = payload["timing"].get("total_s", 0) / 60
     lines = [f"# Forgetting benchmark — preset `{payload['preset']}`", "",
-             f"Model: **{payload['model']}**. Device: {', '.join(hosts)} ({machine['device']}), "
+             f"Model: **{payload['model']}**. Device: {', '.join(ran_on)} ({machine['device']}), "
              f"torch {machine['versions'].get('torch')}, transformers {machine['versions'].get('transformers')}, "
              f"peft {machine['versions'].get('peft')}. "
              + (f"Total wall time {wall:.1f} min." if len(processes) <= 1 else
                 f"Ran in {len(processes)} processes (resumes and parts, see `provenance`); its runs took "
                 f"{sum(r.get('seconds') or 0 for r in payload['runs']) / 3600:.1f} h (training and evaluation, "
                 "each run once, runs reused from earlier results included).")
-             + (" Run seconds (cost) are comparable only between runs of the same host." if len(hosts) > 1 else ""),
+             + (" Run seconds (cost) are comparable only between runs of the same host." if len(ran_on) > 1 else ""),
              ""]
     if payload["notes"]:
         lines += ["Notes: " + "; ".join(payload["notes"]), ""]

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from benchmarks.forgetting.report import paired_cell
+from benchmarks.forgetting.report import hosts, paired_cell
 from benchmarks.harness import load_result, markdown_table
 
 # table -> (target metric, source metric, target label, source label, percent?)
@@ -28,7 +28,7 @@ def _delta(d: dict | None, percent: bool) -> str:
     return paired_cell(d, 100.0, 1) if percent else paired_cell(d, 1.0, 3)
 
 
-def caption(path: str, payload: dict, setting: str) -> str:
+def caption(path: str, payload: dict, setting: str, note: str = "") -> str:
     cfg = payload["config"]
     st = next(s for s in cfg["settings"] if s["name"] == setting)
     modules = st["target_modules"] if isinstance(st["target_modules"], str) else ", ".join(st["target_modules"])
@@ -40,7 +40,7 @@ def caption(path: str, payload: dict, setting: str) -> str:
             f"LoRA r={st.get('r', cfg['r'])} on {modules}, lr {st.get('lr', cfg['lr'])}, "
             f"{st.get('steps', cfg['steps'])} steps; curvature kind `{cfg['curvature_kind']}`; points chosen on the "
             f"validation half, numbers from the test half (items val/test: {halves}); Δ = paired mean over seeds "
-            f"with a 95 % bootstrap interval over seeds and items, **bold** where it excludes 0.</sub>\n\n")
+            f"with a 95 % bootstrap interval over seeds and items, **bold** where it excludes 0.{note}</sub>\n\n")
 
 
 def _unchanged_note(payload: dict, setting: str, family: str, point: str) -> str:
@@ -51,12 +51,6 @@ def _unchanged_note(payload: dict, setting: str, family: str, point: str) -> str
     if runs and all(rep is not None and rep.get("intruders") == 0 for rep in reports):
         return " (found no intruder dimension: the plain LoRA model)"
     return ""
-
-
-def hosts(payload: dict) -> list[str]:
-    """The CPU/GPU names the result's processes ran on (``provenance``), in order of first use."""
-    names = [p.get("device_name") for p in payload.get("provenance") or []]
-    return list(dict.fromkeys(n for n in names if n))
 
 
 def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
@@ -86,16 +80,15 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
     header = ["method (point)", "within tolerance", f"{tgt_label} (test)", f"{src_label} (test)",
               f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
               f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"]
-    text = caption(path, payload, setting)
+    note = ""
     ran_on = hosts(payload)
     if len(ran_on) > 1:  # seconds from machines of different speed would rank methods by their host
         header.pop(-2)
         for row in rows:
             row.pop(-2)
-        text = text[:-len("</sub>\n\n")] + (f" No cost column: the runs ran on {len(ran_on)} hosts of different "
-                                             f"speed ({', '.join(ran_on)}), so their seconds do not compare; "
-                                             "the cost benchmark times the methods on one machine.</sub>\n\n")
-    return text + markdown_table(header, rows)
+        note = (f" No cost column: the runs ran on {len(ran_on)} hosts of different speed ({', '.join(ran_on)}), "
+                "so their seconds do not compare; the cost benchmark times the methods on one machine.")
+    return caption(path, payload, setting, note) + markdown_table(header, rows)
 
 
 def forgetting_points(root: Path, path: str) -> str:
