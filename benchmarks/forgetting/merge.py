@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from benchmarks.forgetting.config import Config
-from benchmarks.forgetting.report import write_outputs
+from benchmarks.forgetting.report import runs_time, write_outputs
 from benchmarks.forgetting.summary import METRICS
 from benchmarks.harness import check_mergeable, load_result, provenance_of
 
@@ -85,8 +85,9 @@ def merge_results(parts: list[str | Path], output_dir: str | Path) -> dict:
             by_id[r["id"]] = r
             runs.append(r)
     notes = list(dict.fromkeys(n for p in payloads for n in p["notes"]))
-    notes.append(f"merged from {len(payloads)} parts run in parallel (wall times: "
-                 + ", ".join(f"{p['timing'].get('total_s', 0) / 60:.1f} min" for p in payloads) + ")")
+    # a part's timing.total_s is its last process's wall time only (parts are resumed): name the runs' time
+    notes.append(f"merged from {len(payloads)} parts run in parallel (their runs took "
+                 + ", ".join(runs_time(p) for p in payloads) + ")")
     timing = {"total_s": max(p["timing"].get("total_s", 0) for p in payloads),
               "parts": [p["timing"] for p in payloads]}
     out = Path(output_dir)

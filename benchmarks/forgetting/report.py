@@ -150,6 +150,13 @@ def hosts(payload: dict) -> list[str]:
     return list(dict.fromkeys(n for n in names if n))
 
 
+def runs_time(payload: dict) -> str:
+    """The summed time of a result's runs (training and evaluation, each run once, reused runs
+    included), as "5.5 h" or "12.3 min": for a resumed or merged result, unlike the last process's wall time."""
+    seconds = sum(r.get("seconds") or 0 for r in payload["runs"])
+    return f"{seconds / 3600:.1f} h" if seconds >= 3600 else f"{seconds / 60:.1f} min"
+
+
 def render_markdown(payload: dict, summary: dict) -> str:
     cfg = payload["config"]
     base = payload["base"]
@@ -164,8 +171,8 @@ def render_markdown(payload: dict, summary: dict) -> str:
              f"peft {machine['versions'].get('peft')}. "
              + (f"Total wall time {wall:.1f} min." if len(processes) <= 1 else
                 f"Ran in {len(processes)} processes (resumes and parts, see `provenance`); its runs took "
-                f"{sum(r.get('seconds') or 0 for r in payload['runs']) / 3600:.1f} h (training and evaluation, "
-                "each run once, runs reused from earlier results included).")
+                f"{runs_time(payload)} (training and evaluation, each run once, runs reused from earlier results "
+                "included).")
              + (" Run seconds (cost) are comparable only between runs of the same host." if len(ran_on) > 1 else ""),
              ""]
     if payload["notes"]:

@@ -219,12 +219,18 @@ def test_relative_strengths_and_merging_parts(tmp_path):
         payload = json.loads((tmp_path / part / "results.json").read_text())
         payload["provenance"][0]["commit"] = commit
         payload["provenance"][0]["device_name"] = host
+        payload["timing"]["total_s"] = 1.0  # as if resumed at the end: the last process's wall time is 1 s
         (tmp_path / part / "results.json").write_text(json.dumps(payload))
     merged = forgetting.merge_results([tmp_path / "a", tmp_path / "b"], tmp_path / "m")
     assert [p["commit"] for p in merged["provenance"]] == ["a" * 40, "b" * 40]  # every part's, not the first's
     assert merged["merged_from"] == [str(tmp_path / "a"), str(tmp_path / "b")]
     assert sorted(r["id"] for r in merged["runs"]) == ["qv/s0/L2/rel=2", "qv/s0/LoRA/-", "qv/s1/LoRA/-"]
     assert merged["forgetting_evidence"]["qv"]["n_seeds"] == 2
+    # the merge note gives each part's summed run time, not its last process's wall time
+    took = [sum(r["seconds"] for r in json.loads((tmp_path / part / "results.json").read_text())["runs"]) / 60
+            for part in ("a", "b")]
+    assert f"merged from 2 parts run in parallel (their runs took {took[0]:.1f} min, {took[1]:.1f} min)" \
+        in merged["notes"]
     assert (tmp_path / "m" / "summary.md").is_file() and (tmp_path / "m" / "pareto_nll.png").is_file()
     # the summary names every host and does not pass one process's wall time off as the total
     header = (tmp_path / "m" / "summary.md").read_text().splitlines()[2]
