@@ -37,7 +37,7 @@ def write_outputs(out: Path, cfg: Config, *, final: bool, machine: dict, provena
     }
     write_json(out / "results.json", payload)
     if final:
-        figs = plot_pareto(summary, base, cfg, out, footnote=_footnote(payload))
+        figs = plot_pareto(summary, base, cfg, out, footnote=plot_footnote(payload))
         payload["figures"] = [str(p.name) for p in figs]
         (out / "summary.md").write_text(render_markdown(payload, summary))
         write_json(out / "results.json", payload)
@@ -51,10 +51,18 @@ def brief(m: dict) -> str:
             f"src_mcq_acc={m['src_mcq_acc']:.3f} proxy_nll={m['proxy_text_nll']:.3f}")
 
 
-def _footnote(payload: dict) -> str:
+def plot_footnote(payload: dict) -> str:
+    """Model, preset, every host the result's processes ran on, versions: the line under each plot."""
     m = payload["machine"]
-    return (f"{payload['model']}; preset {payload['preset']}; {m['device_name']} ({m['device']}); "
+    ran_on = ", ".join(hosts(payload) or [m["device_name"]])
+    return (f"{payload['model']}; preset {payload['preset']}; {ran_on} ({m['device']}); "
             f"torch {m['versions'].get('torch')}, peft {m['versions'].get('peft')}")
+
+
+def target_label(cfg: Config, metric: str) -> str:
+    """Axis label of a target metric (``tgt_nll`` / ``tgt_em``), naming the task that was learned."""
+    what = {"tgt_nll": "NLL", "tgt_em": "exact match"}[metric]
+    return f"target {what} ({cfg.target_task}, held-out items) {'↓' if metric == 'tgt_nll' else '↑'}"
 
 
 def _family_style(families: list[str]) -> dict:
@@ -85,11 +93,10 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
         families = list(dict.fromkeys(p["family"] for p in pts))
         style = _family_style(families)
         panels = {
-            "nll": [("tgt_nll", "src_text_nll", "target NLL (held-out gsm templates) ↓",
-                     "held-out source text NLL ↓"),
-                    ("tgt_nll", "src_mcq_nll", "target NLL ↓", "WordNet MCQ: NLL of correct word ↓")],
-            "acc": [("tgt_em", "src_mcq_acc", "target exact match ↑", "WordNet MCQ accuracy ↑"),
-                    ("tgt_nll", "src_mcq_acc", "target NLL ↓", "WordNet MCQ accuracy ↑")],
+            "nll": [("tgt_nll", "src_text_nll", target_label(cfg, "tgt_nll"), "held-out source text NLL ↓"),
+                    ("tgt_nll", "src_mcq_nll", target_label(cfg, "tgt_nll"), "WordNet MCQ: NLL of correct word ↓")],
+            "acc": [("tgt_em", "src_mcq_acc", target_label(cfg, "tgt_em"), "WordNet MCQ accuracy ↑"),
+                    ("tgt_nll", "src_mcq_acc", target_label(cfg, "tgt_nll"), "WordNet MCQ accuracy ↑")],
         }
         half = "_test" if summary.get("selection", "").startswith("validation") else ""
         panels = {kind: [(xk + half, yk + half, xl + (" [test half]" if half else ""), yl) for xk, yk, xl, yl in spec]

@@ -236,6 +236,13 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     header = (tmp_path / "m" / "summary.md").read_text().splitlines()[2]
     assert "Device: AMD EPYC, Intel Xeon (cpu)" in header and "Ran in 2 processes" in header
     assert "Total wall time" not in header and "comparable only between runs of the same host" in header
+    # so does the line under each plot
+    from benchmarks.forgetting.report import plot_footnote, target_label
+
+    assert "AMD EPYC, Intel Xeon (cpu)" in plot_footnote(merged)
+    # and the plots' target axis names the task learned (tiny: basic_arithmetic), not gsm_symbolic's templates
+    assert target_label(part_a, "tgt_nll") == "target NLL (basic_arithmetic, held-out items) ↓"
+    assert target_label(part_a, "tgt_em") == "target exact match (basic_arithmetic, held-out items) ↑"
     # a run repeated by two parts (plain LoRA, needed by each for its calibration) merges once if its
     # scores agree, and is a conflict if they do not
     again = forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
