@@ -62,7 +62,8 @@ def plot_footnote(payload: dict) -> str:
 def target_label(cfg: Config, metric: str) -> str:
     """Axis label of a target metric (``tgt_nll`` / ``tgt_em``), naming the task that was learned."""
     what = {"tgt_nll": "NLL", "tgt_em": "exact match"}[metric]
-    return f"target {what} ({cfg.target_task}, held-out items) {'↓' if metric == 'tgt_nll' else '↑'}"
+    held_out = "held-out templates" if cfg.target_task == "gsm_symbolic" else "held-out items"  # see data.py
+    return f"target {what} ({cfg.target_task}, {held_out}) {'↓' if metric == 'tgt_nll' else '↑'}"
 
 
 def _family_style(families: list[str]) -> dict:

@@ -243,6 +243,8 @@ def test_relative_strengths_and_merging_parts(tmp_path):
     # and the plots' target axis names the task learned (tiny: basic_arithmetic), not gsm_symbolic's templates
     assert target_label(part_a, "tgt_nll") == "target NLL (basic_arithmetic, held-out items) ↓"
     assert target_label(part_a, "tgt_em") == "target exact match (basic_arithmetic, held-out items) ↑"
+    gsm = forgetting.make_config("tiny", overrides={"target_task": "gsm_symbolic"})
+    assert target_label(gsm, "tgt_nll") == "target NLL (gsm_symbolic, held-out templates) ↓"
     # a run repeated by two parts (plain LoRA, needed by each for its calibration) merges once if its
     # scores agree, and is a conflict if they do not
     again = forgetting.merge_results([tmp_path / "a", tmp_path / "a"], tmp_path / "m2")
