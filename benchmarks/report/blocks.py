@@ -440,6 +440,12 @@ def _points_table(preset: str) -> Callable[[Path], str]:
     return lambda root: forgetting_points(root, f"benchmarks/results/forgetting/{preset}/results.json")
 
 
+def _gap_table(root: Path) -> str:
+    from benchmarks.report.paired_blocks import forgetting_gap
+
+    return forgetting_gap(root, "benchmarks/results/forgetting/kfac_gap/results.json")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-acc": _main_table("acc"),
     "forgetting-main-nll": _main_table("nll"),
@@ -448,6 +454,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-lr": _main_lr,
     "forgetting-main-points": _points_table("main"),
     **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
+    "forgetting-kfac_gap-gap": _gap_table,
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),
     "forgetting-best-all-linear": lambda root: forgetting_best(root, "all-linear"),

@@ -238,3 +238,47 @@ def forgetting_lr_controls(root: Path, path: str, setting: str) -> str:
         ["lr", "target exact match (val)", "target NLL (val)", "target exact match (test)",
          "WordNet MCQ accuracy (test)", "held-out text NLL (test)", "Δ exact match (pp)", "Δ MCQ accuracy (pp)",
          "Δ text NLL", "seeds"], rows)
+
+
+#: the K-FAC gap study: each remedy against plain LaLoRA-kfac and against LaLoRA-diag at its own strength
+GAP_REFERENCES = ("LaLoRA-kfac", "LaLoRA-diag")
+#: (metric, column label, percent?) of the gap table
+GAP_METRICS = (("src_text_nll", "text NLL", False), ("tgt_nll", "target NLL", False),
+               ("tgt_em", "exact match (pp)", True))
+
+
+def forgetting_gap(root: Path, path: str, references: tuple[str, ...] = GAP_REFERENCES) -> str:
+    """Does a remedy close the gap between LaLoRA-kfac and LaLoRA-diag (``--preset kfac_gap``)? Per LaLoRA
+    family and strength: its paired differences to each reference family at the same grid point (same
+    ``rel``), on the test half with a 95 % bootstrap interval over seeds and items
+    (:func:`benchmarks.forgetting.paired.paired_difference`, computed here from the runs' per-item scores,
+    deterministic). The last reference is the target of the comparison and gets no row of its own."""
+    from benchmarks.forgetting.paired import paired_difference
+
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    splits = payload["data"]["splits"]
+
+    def items(setting: str, family: str, point: str) -> dict[int, dict]:
+        return {r["seed"]: r["items"] for r in payload["runs"]
+                if (r["setting"], r["family"], r["point"]) == (setting, family, point)}
+
+    rows = []
+    for p in payload["points"]:
+        if not p["family"].startswith("LaLoRA") or p["family"] == references[-1]:
+            continue
+        mine = items(p["setting"], p["family"], p["point"])
+        cells = []
+        for ref in references:
+            other = {} if ref == p["family"] else items(p["setting"], ref, p["point"])
+            cells += [_delta(paired_difference(mine, other, metric, splits), pct) if other else "-"
+                      for metric, _, pct in GAP_METRICS]
+        rows.append([f"{p['family']} ({p['point']})", *cells, str(len(p["seeds"]))])
+    header = (["method (point)"] + [f"Δ {label} vs {ref}" for ref in references for _, label, _ in GAP_METRICS]
+              + ["seeds"])
+    note = (f"<sub>From `{path}`, test half: each LaLoRA variant minus {' and minus '.join(references)} at the same "
+            f"strength (rel), paired by seed, with a 95 % bootstrap interval over seeds and items, **bold** where it "
+            f"excludes 0. A remedy closes the gap where it is better than {references[0]} and not worse than "
+            f"{references[-1]} on held-out text NLL without a worse target.</sub>\n\n")
+    return note + markdown_table(header, rows)

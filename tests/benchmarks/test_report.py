@@ -209,3 +209,40 @@ def test_the_cost_column_is_dropped_when_the_runs_ran_on_hosts_of_different_spee
     assert "No cost column: the runs ran on 2 hosts of different speed (AMD EPYC, Intel Xeon)" in two_hosts
     header, rule, *rows = [line for line in two_hosts.splitlines() if line.startswith("|")]
     assert header.count("|") == rule.count("|") == rows[0].count("|")  # the table stays rectangular
+
+
+def test_gap_table_pairs_each_remedy_with_kfac_and_diag_at_its_own_strength(tmp_path):
+    """kfac_gap: a remedy's row holds its paired differences to LaLoRA-kfac and to LaLoRA-diag at the same
+    rel, equal to the per-seed differences of the test-half scores; diag (the target) has no row."""
+    import json
+
+    from benchmarks.report.paired_blocks import forgetting_gap
+
+    splits = {"src_text_wordnet": {"val": [0], "test": [1, 2]}, "src_text_pydoc": {"val": [0], "test": [1, 2]},
+              "tgt": {"val": [0], "test": [1, 2]}, "tgt_gen": {"val": [0], "test": [1, 2]}}
+
+    def items(text_nll, tgt_nll, em):  # every test item scores the same, so each half's metric is that value
+        text = {"nll_sum": [9.0, text_nll, text_nll], "tokens": [1, 1, 1]}
+        return {"src_text_wordnet": text, "src_text_pydoc": text,
+                "tgt": {"nll_sum": [9.0, tgt_nll, tgt_nll], "tokens": [1, 1, 1]}, "tgt_gen": {"em": [0, em, em]}}
+
+    scores = {("LoRA", "-"): (4.0, 0.60, 0.4), ("LaLoRA-kfac", "rel=1"): (3.90, 0.58, 0.5),
+              ("LaLoRA-diag", "rel=1"): (3.85, 0.62, 0.4), ("LaLoRA-kfac refit@10", "rel=1"): (3.80, 0.63, 0.5),
+              ("LaLoRA-kfac refit@10", "rel=3"): (3.70, 0.70, 0.0)}  # rel=3 has no reference: dashes
+    runs = [{"setting": "qv", "family": f, "point": pt, "seed": seed, "items": items(t + 0.01 * seed, n, e)}
+            for (f, pt), (t, n, e) in scores.items() for seed in (0, 1)]
+    points = [{"setting": "qv", "family": f, "point": pt, "seeds": [0, 1]} for f, pt in scores]
+    payload = {"benchmark": "forgetting", "selection": "validation (chosen) / test (reported)",
+               "data": {"splits": splits}, "points": points, "runs": runs}
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    text = forgetting_gap(tmp_path, "results.json")
+    header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
+    assert header.startswith("| method (point) | Δ text NLL vs LaLoRA-kfac |") and "vs LaLoRA-diag" in header
+    labels = [r.split(" | ")[0] for r in rows]
+    assert labels == ["| LaLoRA-kfac (rel=1)", "| LaLoRA-kfac refit@10 (rel=1)", "| LaLoRA-kfac refit@10 (rel=3)"]
+    kfac, refit1, refit3 = (r.split(" | ")[1:-1] for r in rows)
+    assert kfac[:3] == ["-", "-", "-"]  # not compared with itself
+    assert kfac[3:] == ["**+0.050 [+0.050, +0.050]**", "**-0.040 [-0.040, -0.040]**", "**+10.0 [+10.0, +10.0]**"]
+    assert refit1 == ["**-0.100 [-0.100, -0.100]**", "**+0.050 [+0.050, +0.050]**", "+0.0 [+0.0, +0.0]",
+                      "**-0.050 [-0.050, -0.050]**", "**+0.010 [+0.010, +0.010]**", "**+10.0 [+10.0, +10.0]**"]
+    assert refit3 == ["-"] * 6
