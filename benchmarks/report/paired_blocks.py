@@ -264,21 +264,58 @@ def forgetting_gap(root: Path, path: str, references: tuple[str, ...] = GAP_REFE
         return {r["seed"]: r["items"] for r in payload["runs"]
                 if (r["setting"], r["family"], r["point"]) == (setting, family, point)}
 
-    rows = []
+    rows, verdicts = [], []
     for p in payload["points"]:
         if not p["family"].startswith("LaLoRA") or p["family"] == references[-1]:
             continue
         mine = items(p["setting"], p["family"], p["point"])
-        cells = []
+        diffs = {}  # (reference, metric) -> paired difference (None: not run / not comparable)
         for ref in references:
             other = {} if ref == p["family"] else items(p["setting"], ref, p["point"])
-            cells += [_delta(paired_difference(mine, other, metric, splits), pct) if other else "-"
-                      for metric, _, pct in GAP_METRICS]
-        rows.append([f"{p['family']} ({p['point']})", *cells, str(len(p["seeds"]))])
+            for metric, _, _ in GAP_METRICS:
+                diffs[ref, metric] = paired_difference(mine, other, metric, splits) if other else None
+        label = f"{p['family']} ({p['point']})"
+        rows.append([label, *(_delta(diffs[ref, metric], pct) if diffs[ref, metric] else "-"
+                              for ref in references for metric, _, pct in GAP_METRICS), str(len(p["seeds"]))])
+        verdict = _gap_verdict(p["family"], diffs, references)
+        if verdict:
+            verdicts.append(f"- {label}: {verdict}.")
     header = (["method (point)"] + [f"Δ {label} vs {ref}" for ref in references for _, label, _ in GAP_METRICS]
               + ["seeds"])
     note = (f"<sub>From `{path}`, test half: each LaLoRA variant minus {' and minus '.join(references)} at the same "
             f"strength (rel), paired by seed, with a 95 % bootstrap interval over seeds and items, **bold** where it "
-            f"excludes 0. A remedy closes the gap where it is better than {references[0]} and not worse than "
-            f"{references[-1]} on held-out text NLL without a worse target.</sub>\n\n")
-    return note + markdown_table(header, rows)
+            f"excludes 0. In words below (from the same intervals): a remedy **closes the gap** where its held-out "
+            f"text NLL is significantly better than {references[0]}'s at a target NLL not significantly worse, and "
+            f"not significantly worse than {references[-1]}'s.</sub>\n\n")
+    return note + markdown_table(header, rows) + ("\n" + "\n".join(verdicts) + "\n" if verdicts else "")
+
+
+def _gap_verdict(family: str, diffs: dict, references: tuple[str, ...]) -> str:
+    """In words, from the paired intervals of held-out text NLL (source) and target NLL: the gap itself
+    for the first reference (against the last), else whether the remedy closes it."""
+    first, last = references[0], references[-1]
+
+    def directions(ref):
+        src, tgt = diffs.get((ref, "src_text_nll")), diffs.get((ref, "tgt_nll"))
+        return None if not src or not tgt else (_direction(src, True), _direction(tgt, True))
+
+    to_last = directions(last)
+    if family == first:
+        if to_last is None:
+            return ""
+        return f"the gap: against {last}, held-out text NLL {to_last[0]}, target NLL {to_last[1]}"
+    to_first = directions(first)
+    if to_first is None:
+        return ""
+    words = f"against {first}, held-out text NLL {to_first[0]}, target NLL {to_first[1]}"
+    if to_last is not None:
+        words += f"; against {last}, held-out text NLL {to_last[0]}, target NLL {to_last[1]}"
+    if to_first[0] != "better":
+        return f"**does not close the gap** ({words})"
+    if to_first[1] == "worse":
+        return f"**trades target for source** against {first}, so it does not close the gap cleanly ({words})"
+    if to_last is None:
+        return f"**better than {first}**, {last} not run at this strength ({words})"
+    if to_last[0] == "worse":
+        return f"**narrows the gap** ({words})"
+    return f"**closes the gap** ({words})"

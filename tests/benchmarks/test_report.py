@@ -228,7 +228,8 @@ def test_gap_table_pairs_each_remedy_with_kfac_and_diag_at_its_own_strength(tmp_
 
     scores = {("LoRA", "-"): (4.0, 0.60, 0.4), ("LaLoRA-kfac", "rel=1"): (3.90, 0.58, 0.5),
               ("LaLoRA-diag", "rel=1"): (3.85, 0.62, 0.4), ("LaLoRA-kfac refit@10", "rel=1"): (3.80, 0.63, 0.5),
-              ("LaLoRA-kfac refit@10", "rel=3"): (3.70, 0.70, 0.0)}  # rel=3 has no reference: dashes
+              ("LaLoRA-kfac refit@10", "rel=3"): (3.70, 0.70, 0.0),  # rel=3 has no reference: dashes
+              ("LaLoRA-kfac_delta_w", "rel=1"): (3.84, 0.58, 0.5), ("LaLoRA-kfac@milora", "rel=1"): (3.88, 0.58, 0.5)}
     runs = [{"setting": "qv", "family": f, "point": pt, "seed": seed, "items": items(t + 0.01 * seed, n, e)}
             for (f, pt), (t, n, e) in scores.items() for seed in (0, 1)]
     points = [{"setting": "qv", "family": f, "point": pt, "seeds": [0, 1]} for f, pt in scores]
@@ -239,10 +240,21 @@ def test_gap_table_pairs_each_remedy_with_kfac_and_diag_at_its_own_strength(tmp_
     header, _, *rows = [line for line in text.splitlines() if line.startswith("|")]
     assert header.startswith("| method (point) | Δ text NLL vs LaLoRA-kfac |") and "vs LaLoRA-diag" in header
     labels = [r.split(" | ")[0] for r in rows]
-    assert labels == ["| LaLoRA-kfac (rel=1)", "| LaLoRA-kfac refit@10 (rel=1)", "| LaLoRA-kfac refit@10 (rel=3)"]
-    kfac, refit1, refit3 = (r.split(" | ")[1:-1] for r in rows)
+    assert labels == ["| LaLoRA-kfac (rel=1)", "| LaLoRA-kfac refit@10 (rel=1)", "| LaLoRA-kfac refit@10 (rel=3)",
+                      "| LaLoRA-kfac_delta_w (rel=1)", "| LaLoRA-kfac@milora (rel=1)"]
+    kfac, refit1, refit3 = (r.split(" | ")[1:-1] for r in rows[:3])
     assert kfac[:3] == ["-", "-", "-"]  # not compared with itself
     assert kfac[3:] == ["**+0.050 [+0.050, +0.050]**", "**-0.040 [-0.040, -0.040]**", "**+10.0 [+10.0, +10.0]**"]
     assert refit1 == ["**-0.100 [-0.100, -0.100]**", "**+0.050 [+0.050, +0.050]**", "+0.0 [+0.0, +0.0]",
                       "**-0.050 [-0.050, -0.050]**", "**+0.010 [+0.010, +0.010]**", "**+10.0 [+10.0, +10.0]**"]
     assert refit3 == ["-"] * 6
+    # in words, from the same intervals
+    words = {line.split(": ", 1)[0]: line.split(": ", 1)[1] for line in text.splitlines() if line.startswith("- ")}
+    assert words["- LaLoRA-kfac (rel=1)"].startswith(
+        "the gap: against LaLoRA-diag, held-out text NLL worse, target NLL better")
+    assert words["- LaLoRA-kfac refit@10 (rel=1)"].startswith("**trades target for source** against LaLoRA-kfac")
+    assert words["- LaLoRA-kfac_delta_w (rel=1)"].startswith(
+        "**closes the gap** (against LaLoRA-kfac, held-out text NLL better, target NLL no significant difference; "
+        "against LaLoRA-diag, held-out text NLL better, target NLL better)")
+    assert words["- LaLoRA-kfac@milora (rel=1)"].startswith("**narrows the gap**")
+    assert "- LaLoRA-kfac refit@10 (rel=3)" not in words  # nothing to compare with
