@@ -446,6 +446,12 @@ def _gap_table(root: Path) -> str:
     return forgetting_gap(root, "benchmarks/results/forgetting/kfac_gap/results.json")
 
 
+def _transfer_table(root: Path) -> str:
+    from benchmarks.report.paired_blocks import forgetting_transfer
+
+    return forgetting_transfer(root, "benchmarks/results/forgetting/ablation_proxy_text/results.json")
+
+
 RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-acc": _main_table("acc"),
     "forgetting-main-nll": _main_table("nll"),
@@ -455,6 +461,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-points": _points_table("main"),
     **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-kfac_gap-gap": _gap_table,
+    "forgetting-ablation_proxy_text-transfer": _transfer_table,
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),
     "forgetting-best-all-linear": lambda root: forgetting_best(root, "all-linear"),

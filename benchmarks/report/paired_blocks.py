@@ -319,3 +319,60 @@ def _gap_verdict(family: str, diffs: dict, references: tuple[str, ...]) -> str:
     if to_last[0] == "worse":
         return f"**narrows the gap** ({words})"
     return f"**closes the gap** ({words})"
+
+
+#: proxy domain -> the held-out text metric of that domain (the transfer ablation's read-out)
+DOMAIN_TEXT = {"wordnet": "src_text_nll_wordnet", "pydoc": "src_text_nll_pydoc"}
+
+
+def forgetting_transfer(root: Path, path: str) -> str:
+    """The proxy-text ablation (``--preset ablation_proxy_text``) read per source domain: each point's
+    held-out WordNet and pydoc text NLL and their paired differences to plain LoRA, then, per domain,
+    the curvature fitted on that domain's text (in-domain) minus the one fitted on the other domain's
+    (transfer), paired by seed with the 95 % bootstrap over seeds and items, in numbers and words."""
+    from benchmarks.forgetting.paired import paired_difference
+
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    splits = payload["data"]["splits"]
+
+    def items(family: str, point: str) -> dict[int, dict]:
+        return {r["seed"]: r["items"] for r in payload["runs"] if (r["family"], r["point"]) == (family, point)}
+
+    def point_of(domain: str) -> dict | None:
+        return next((p for p in payload["points"] if p["family"].endswith(f"proxy_kind={domain}")), None)
+
+    plain = items("LoRA", "-")
+    metrics = [*DOMAIN_TEXT.values(), "src_mcq_acc", "tgt_nll"]
+    rows = []
+    for p in payload["points"]:
+        mine = items(p["family"], p["point"])
+        label = p["family"] if p["point"] == "-" else f"{p['family']} ({p['point']})"
+        values = [_value(p.get(m + "_test"), p.get(m + "_test_sd"), m == "src_mcq_acc") for m in metrics[:3]]
+        deltas = ["-" if p["family"] == "LoRA" else
+                  _delta(paired_difference(mine, plain, m, splits), m == "src_mcq_acc") for m in metrics]
+        rows.append([label, *values, *deltas, str(len(p["seeds"]))])
+    lines = []
+    for domain, metric in DOMAIN_TEXT.items():
+        inside, others = point_of(domain), [d for d in DOMAIN_TEXT if d != domain]
+        outside = point_of(others[0]) if others else None
+        if inside is None or outside is None:
+            continue
+        d = paired_difference(items(inside["family"], inside["point"]), items(outside["family"], outside["point"]),
+                              metric, splits)
+        if d is None:
+            continue
+        words = {"better": "the in-domain curvature protects its domain better",
+                 "worse": "the transferred curvature protects it better"}.get(_direction(d, True),
+                                                                             "no significant difference")
+        lines.append(f"- {domain} held-out text NLL, curvature from {domain} text (in-domain) minus from {others[0]} "
+                     f"text (transfer): {_delta(d, False)}: {words} ({d['n_seeds']} seed"
+                     f"{'s' if d['n_seeds'] != 1 else ''}).")
+    header = ["method (point)", "WordNet text NLL (test)", "pydoc text NLL (test)", "WordNet MCQ accuracy (test)",
+              "Δ WordNet text NLL vs LoRA", "Δ pydoc text NLL vs LoRA", "Δ MCQ accuracy (pp) vs LoRA",
+              "Δ target NLL vs LoRA", "seeds"]
+    note = (f"<sub>From `{path}`, test half (mean ± sd over seeds): the curvature's proxy text is WordNet, pydoc or "
+            f"both (`proxy_kind`); Δ = paired difference, 95 % bootstrap interval over seeds and items, **bold** where "
+            f"it excludes 0.</sub>\n\n")
+    return note + markdown_table(header, rows) + ("\n" + "\n".join(lines) + "\n" if lines else "")

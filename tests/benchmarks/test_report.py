@@ -258,3 +258,45 @@ def test_gap_table_pairs_each_remedy_with_kfac_and_diag_at_its_own_strength(tmp_
         "against LaLoRA-diag, held-out text NLL better, target NLL better)")
     assert words["- LaLoRA-kfac@milora (rel=1)"].startswith("**narrows the gap**")
     assert "- LaLoRA-kfac refit@10 (rel=3)" not in words  # nothing to compare with
+
+
+def test_transfer_table_reads_each_domain_in_domain_against_transfer(tmp_path):
+    """ablation_proxy_text: per domain, the curvature from that domain's text minus the one from the other
+    domain's, on that domain's held-out text NLL, equal to the per-seed differences, with words that
+    follow the interval's sign."""
+    import json
+
+    from benchmarks.report.paired_blocks import forgetting_transfer
+
+    half = {"val": [0], "test": [1, 2]}
+    splits = {s: half for s in ("src_text_wordnet", "src_text_pydoc", "src_mcq", "tgt")}
+
+    def items(wordnet, pydoc, acc, tgt):
+        def text(v):
+            return {"nll_sum": [9.0, v, v], "tokens": [1, 1, 1]}
+        return {"src_text_wordnet": text(wordnet), "src_text_pydoc": text(pydoc), "tgt": text(tgt),
+                "src_mcq": {"correct": [0, acc, acc], "correct_norm": [0, acc, acc], "nll": [9.0, 9.0, 9.0]}}
+
+    kfac = "LaLoRA-kfac proxy_kind="
+    scores = {("LoRA", "-"): (4.00, 3.30, 1, 0.60), (kfac + "wordnet", "rel=1"): (3.80, 3.20, 1, 0.60),
+              (kfac + "pydoc", "rel=1"): (3.85, 3.25, 0, 0.62), (kfac + "mix", "rel=1"): (3.82, 3.22, 1, 0.61)}
+    runs = [{"setting": "qv", "family": f, "point": pt, "seed": seed, "items": items(*v)}
+            for (f, pt), v in scores.items() for seed in (0, 1)]
+    points = [{"setting": "qv", "family": f, "point": pt, "seeds": [0, 1], "src_text_nll_wordnet_test": v[0],
+               "src_text_nll_pydoc_test": v[1], "src_mcq_acc_test": float(v[2])} for (f, pt), v in scores.items()]
+    payload = {"benchmark": "forgetting", "selection": "validation (chosen) / test (reported)",
+               "data": {"splits": splits}, "points": points, "runs": runs}
+    (tmp_path / "results.json").write_text(json.dumps(payload))
+    text = forgetting_transfer(tmp_path, "results.json")
+    rows = {r.split(" | ")[0]: r.split(" | ")[1:] for r in text.splitlines() if r.startswith("| ")}
+    assert rows["| LoRA"][:3] == ["4.000", "3.300", "100.0 %"] and rows["| LoRA"][3:7] == ["-"] * 4
+    pydoc_row = rows[f"| {kfac}pydoc (rel=1)"]
+    assert pydoc_row[3:7] == ["**-0.150 [-0.150, -0.150]**", "**-0.050 [-0.050, -0.050]**",
+                              "**-100.0 [-100.0, -100.0]**", "**+0.020 [+0.020, +0.020]**"]
+    lines = [line for line in text.splitlines() if line.startswith("- ")]
+    assert lines[0].startswith("- wordnet held-out text NLL, curvature from wordnet text (in-domain) minus from pydoc "
+                               "text (transfer): **-0.050 [-0.050, -0.050]**: the in-domain curvature protects its "
+                               "domain better (2 seeds)")
+    assert lines[1].startswith("- pydoc held-out text NLL, curvature from pydoc text (in-domain) minus from wordnet "
+                               "text (transfer): **+0.050 [+0.050, +0.050]**: the transferred curvature protects it "
+                               "better")
