@@ -286,7 +286,9 @@ def forgetting_gap(root: Path, path: str, references: tuple[str, ...] = GAP_REFE
             f"strength (rel), paired by seed, with a 95 % bootstrap interval over seeds and items, **bold** where it "
             f"excludes 0. In words below (from the same intervals): a remedy **closes the gap** where its held-out "
             f"text NLL is significantly better than {references[0]}'s at a target NLL not significantly worse, and "
-            f"not significantly worse than {references[-1]}'s.</sub>\n\n")
+            f"not significantly worse than {references[-1]}'s. The same rel is not the same target: where a "
+            f"difference trades target for source, the pareto plots beside the result compare the trade-offs."
+            f"</sub>\n\n")
     return note + markdown_table(header, rows) + ("\n" + "\n".join(verdicts) + "\n" if verdicts else "")
 
 
@@ -303,7 +305,8 @@ def _gap_verdict(family: str, diffs: dict, references: tuple[str, ...]) -> str:
     if family == first:
         if to_last is None:
             return ""
-        return f"the gap: against {last}, held-out text NLL {to_last[0]}, target NLL {to_last[1]}"
+        return (f"the gap: against {last} it **{_verdict(*to_last)}** (held-out text NLL {to_last[0]}, "
+                f"target NLL {to_last[1]})")
     to_first = directions(first)
     if to_first is None:
         return ""
