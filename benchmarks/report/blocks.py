@@ -417,6 +417,13 @@ def _main_table(table: str) -> Callable[[Path], str]:
     return lambda root: forgetting_paired(root, FORGETTING_MAIN, "qv", table)
 
 
+def _paired_of(preset: str, table: str) -> Callable[[Path], str]:
+    """The matched-target ``table`` of a preset's q,v setting (each family's point chosen on validation)."""
+    from benchmarks.report.paired_blocks import forgetting_paired
+
+    return lambda root: forgetting_paired(root, f"benchmarks/results/forgetting/{preset}/results.json", "qv", table)
+
+
 def _main_lr(root: Path) -> str:
     from benchmarks.report.paired_blocks import forgetting_lr_controls
 
@@ -461,6 +468,7 @@ RENDERERS: dict[str, Callable[[Path], str]] = {
     "forgetting-main-points": _points_table("main"),
     **{f"forgetting-{preset}": _points_table(preset) for preset in FORGETTING_ABLATIONS},
     "forgetting-kfac_gap-gap": _gap_table,
+    "forgetting-kfac_gap-nll": _paired_of("kfac_gap", "nll"),
     "forgetting-ablation_proxy_text-transfer": _transfer_table,
     "forgetting-headline": forgetting_headline,
     "forgetting-best-qv": lambda root: forgetting_best(root, "qv"),

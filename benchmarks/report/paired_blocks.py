@@ -81,12 +81,16 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
               f"Δ {src_label}{unit} vs LoRA", f"Δ {tgt_label}{tunit} vs LoRA", f"Δ {src_label}{unit} vs L2",
               f"Δ {tgt_label}{tunit} vs L2", "cost (s)", "seeds"]
     note = ""
+    if not any("L2" in (r.get("paired") or {}) for r in rows_in):  # no L2 in this result (kfac_gap): no columns
+        for row in [header, *rows]:
+            del row[6:8]
+        note += " No L2 in this result: differences to plain LoRA only."
     ran_on = hosts(payload)
     if len(ran_on) > 1:  # seconds from machines of different speed would rank methods by their host
         header.pop(-2)
         for row in rows:
             row.pop(-2)
-        note = (f" No cost column: the runs ran on {len(ran_on)} hosts of different speed ({', '.join(ran_on)}), "
+        note += (f" No cost column: the runs ran on {len(ran_on)} hosts of different speed ({', '.join(ran_on)}), "
                 "so their seconds do not compare; the cost benchmark times the methods on one machine.")
     return caption(path, payload, setting, note) + markdown_table(header, rows)
 

@@ -202,6 +202,8 @@ def test_the_cost_column_is_dropped_when_the_runs_ran_on_hosts_of_different_spee
     path.write_text(json.dumps(payload))
     one_host = forgetting_paired(tmp_path, "results.json", "qv", "nll")
     assert "| cost (s) |" in one_host and "| 456 |" in one_host and "No cost column" not in one_host
+    # a result without L2 (kfac_gap) shows no empty "vs L2" columns and says why
+    assert "vs L2" not in one_host and "No L2 in this result: differences to plain LoRA only." in one_host
     payload["provenance"] += [{"device_name": "AMD EPYC"}, {"device_name": "Intel Xeon"}]
     path.write_text(json.dumps(payload))
     two_hosts = forgetting_paired(tmp_path, "results.json", "qv", "nll")
