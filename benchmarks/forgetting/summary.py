@@ -105,7 +105,7 @@ def summarize(results: list[dict], base: dict, cfg: Config, splits: dict | None 
             "selection": "validation half, reported on the test half" if split else "same items"}
 
 
-def _items_of(results: list[dict], setting: str, family: str, point: str) -> dict[int, dict]:
+def items_of(results: list[dict], setting: str, family: str, point: str) -> dict[int, dict]:
     """``{seed: per-item scores}`` of one grid point (what :func:`paired_difference` pairs)."""
     return {r["seed"]: r["items"] for r in results
             if r["setting"] == setting and r["family"] == family and r["point"] == point}
@@ -121,8 +121,8 @@ def add_paired_to_lora(points: list[dict], results: list[dict], splits: dict, n_
     for p in points:
         if p["family"] == "LoRA" and p["point"] == "-":
             continue
-        plain = _items_of(results, p["setting"], "LoRA", "-")
-        mine = _items_of(results, p["setting"], p["family"], p["point"])
+        plain = items_of(results, p["setting"], "LoRA", "-")
+        mine = items_of(results, p["setting"], p["family"], p["point"])
         p["paired_lora"] = {m: paired_difference(mine, plain, m, splits, n_boot=n_boot) for m in POINT_METRICS}
 
 
@@ -130,12 +130,12 @@ def add_paired(rows: list[dict], results: list[dict], setting: str, metrics: tup
                n_boot: int) -> None:
     """Attach to each table row ``paired[ref][metric]``: the chosen point minus plain LoRA (``"LoRA"``)
     and minus L2's chosen point of the same table (``"L2"``), on the test half, paired by seed."""
-    refs = {"LoRA": _items_of(results, setting, "LoRA", "-")}
+    refs = {"LoRA": items_of(results, setting, "LoRA", "-")}
     l2 = next((r for r in rows if r["family"] == "L2"), None)
     if l2 is not None:
-        refs["L2"] = _items_of(results, setting, "L2", l2["point"])
+        refs["L2"] = items_of(results, setting, "L2", l2["point"])
     for row in rows:
-        mine = _items_of(results, setting, row["family"], row["point"])
+        mine = items_of(results, setting, row["family"], row["point"])
         row["paired"] = {ref: {m: paired_difference(mine, other, m, splits, n_boot=n_boot) for m in metrics}
                          for ref, other in refs.items() if ref != row["family"]}
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from benchmarks.forgetting.paired import paired_difference
 from benchmarks.forgetting.report import hosts, paired_cell
+from benchmarks.forgetting.summary import items_of
 from benchmarks.harness import load_result, markdown_table
 
 # table -> (target metric, source metric, target label, source label, percent?)
@@ -26,6 +28,14 @@ def _value(x, sd, percent: bool) -> str:
 
 def _delta(d: dict | None, percent: bool) -> str:
     return paired_cell(d, 100.0, 1) if percent else paired_cell(d, 1.0, 3)
+
+
+def _split_result(root: Path, path: str) -> dict:
+    """The result at ``path``, which must have a validation/test split (every table here reads its test half)."""
+    payload = load_result(root / path)
+    if not str(payload.get("selection", "")).startswith("validation"):
+        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    return payload
 
 
 def caption(path: str, payload: dict, setting: str, note: str = "") -> str:
@@ -55,9 +65,7 @@ def _unchanged_note(payload: dict, setting: str, family: str, point: str) -> str
 
 def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
     """The ``table`` ("acc" | "nll" | "mcq_nll") of ``setting`` in the result at ``path``."""
-    payload = load_result(root / path)
-    if not str(payload.get("selection", "")).startswith("validation"):
-        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    payload = _split_result(root, path)
     target, source, tgt_label, src_label, percent = TABLES[table]
     rows_in = payload["tables"][setting][table]
     base = payload["base"]
@@ -98,9 +106,7 @@ def forgetting_paired(root: Path, path: str, setting: str, table: str) -> str:
 def forgetting_points(root: Path, path: str) -> str:
     """Every grid point of every setting in the result at ``path`` (an ablation), on the test half,
     with its paired differences to plain LoRA of the same setting and seeds (no selection)."""
-    payload = load_result(root / path)
-    if not str(payload.get("selection", "")).startswith("validation"):
-        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    payload = _split_result(root, path)
     cfg = payload["config"]
     base = payload["base"]
     reused = sum("reused_from" in r for r in payload["runs"])
@@ -155,9 +161,7 @@ def forgetting_verdicts(root: Path, path: str, setting: str) -> str:
     words whether it wins (source significantly better, target not significantly worse), trades
     (both significant, opposite ways) or does not win. Rendered from the same ``tables`` as the
     paired tables, so no number in it is typed by hand."""
-    payload = load_result(root / path)
-    if not str(payload.get("selection", "")).startswith("validation"):
-        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    payload = _split_result(root, path)
     lines = []
     for table, (target, source, tgt_label, src_label, percent) in TABLES.items():
         pct_target = percent and target.endswith("_em")
@@ -257,25 +261,17 @@ def forgetting_gap(root: Path, path: str, references: tuple[str, ...] = GAP_REFE
     ``rel``), on the test half with a 95 % bootstrap interval over seeds and items
     (:func:`benchmarks.forgetting.paired.paired_difference`, computed here from the runs' per-item scores,
     deterministic). The last reference is the target of the comparison and gets no row of its own."""
-    from benchmarks.forgetting.paired import paired_difference
-
-    payload = load_result(root / path)
-    if not str(payload.get("selection", "")).startswith("validation"):
-        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    payload = _split_result(root, path)
     splits = payload["data"]["splits"]
-
-    def items(setting: str, family: str, point: str) -> dict[int, dict]:
-        return {r["seed"]: r["items"] for r in payload["runs"]
-                if (r["setting"], r["family"], r["point"]) == (setting, family, point)}
 
     rows, verdicts = [], []
     for p in payload["points"]:
         if not p["family"].startswith("LaLoRA") or p["family"] == references[-1]:
             continue
-        mine = items(p["setting"], p["family"], p["point"])
+        mine = items_of(payload["runs"], p["setting"], p["family"], p["point"])
         diffs = {}  # (reference, metric) -> paired difference (None: not run / not comparable)
         for ref in references:
-            other = {} if ref == p["family"] else items(p["setting"], ref, p["point"])
+            other = {} if ref == p["family"] else items_of(payload["runs"], p["setting"], ref, p["point"])
             for metric, _, _ in GAP_METRICS:
                 diffs[ref, metric] = paired_difference(mine, other, metric, splits) if other else None
         label = f"{p['family']} ({p['point']})"
@@ -337,24 +333,18 @@ def forgetting_transfer(root: Path, path: str) -> str:
     held-out WordNet and pydoc text NLL and their paired differences to plain LoRA, then, per domain,
     the curvature fitted on that domain's text (in-domain) minus the one fitted on the other domain's
     (transfer), paired by seed with the 95 % bootstrap over seeds and items, in numbers and words."""
-    from benchmarks.forgetting.paired import paired_difference
-
-    payload = load_result(root / path)
-    if not str(payload.get("selection", "")).startswith("validation"):
-        raise ValueError(f"{path}: not a result with a validation/test split (selection: {payload.get('selection')})")
+    payload = _split_result(root, path)
     splits = payload["data"]["splits"]
-
-    def items(family: str, point: str) -> dict[int, dict]:
-        return {r["seed"]: r["items"] for r in payload["runs"] if (r["family"], r["point"]) == (family, point)}
 
     def point_of(domain: str) -> dict | None:
         return next((p for p in payload["points"] if p["family"].endswith(f"proxy_kind={domain}")), None)
 
-    plain = items("LoRA", "-")
+    setting = payload["config"]["settings"][0]["name"]  # the ablation's one setting
+    plain = items_of(payload["runs"], setting, "LoRA", "-")
     metrics = [*DOMAIN_TEXT.values(), "src_mcq_acc", "tgt_nll"]
     rows = []
     for p in payload["points"]:
-        mine = items(p["family"], p["point"])
+        mine = items_of(payload["runs"], setting, p["family"], p["point"])
         label = p["family"] if p["point"] == "-" else f"{p['family']} ({p['point']})"
         values = [_value(p.get(m + "_test"), p.get(m + "_test_sd"), m == "src_mcq_acc") for m in metrics[:3]]
         deltas = ["-" if p["family"] == "LoRA" else
@@ -366,8 +356,8 @@ def forgetting_transfer(root: Path, path: str) -> str:
         outside = point_of(others[0]) if others else None
         if inside is None or outside is None:
             continue
-        d = paired_difference(items(inside["family"], inside["point"]), items(outside["family"], outside["point"]),
-                              metric, splits)
+        d = paired_difference(items_of(payload["runs"], setting, inside["family"], inside["point"]),
+                              items_of(payload["runs"], setting, outside["family"], outside["point"]), metric, splits)
         if d is None:
             continue
         words = {"better": "the in-domain curvature protects its domain better",

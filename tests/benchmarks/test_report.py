@@ -287,7 +287,7 @@ def test_transfer_table_reads_each_domain_in_domain_against_transfer(tmp_path):
     points = [{"setting": "qv", "family": f, "point": pt, "seeds": [0, 1], "src_text_nll_wordnet_test": v[0],
                "src_text_nll_pydoc_test": v[1], "src_mcq_acc_test": float(v[2])} for (f, pt), v in scores.items()]
     payload = {"benchmark": "forgetting", "selection": "validation (chosen) / test (reported)",
-               "data": {"splits": splits}, "points": points, "runs": runs}
+               "config": {"settings": [{"name": "qv"}]}, "data": {"splits": splits}, "points": points, "runs": runs}
     (tmp_path / "results.json").write_text(json.dumps(payload))
     text = forgetting_transfer(tmp_path, "results.json")
     rows = {r.split(" | ")[0]: r.split(" | ")[1:] for r in text.splitlines() if r.startswith("| ")}
