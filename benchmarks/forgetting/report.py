@@ -125,19 +125,53 @@ def plot_pareto(summary: dict, base: dict, cfg: Config, out: Path, footnote: str
                                 lw=1.2, capsize=2, label=family, zorder=4 if big else 3,
                                 ls="-" if len(fam) > 1 else "none")
                 if base.get(xk) is not None and base.get(yk) is not None:
-                    ax.scatter([base[xk]], [base[yk]], marker="*", s=220, color="black", zorder=5, label="base model")
+                    shown = [p for p in pts if p not in off and p.get(xk) is not None and p.get(yk) is not None]
+                    _draw_base(ax, base[xk], base[yk], [p[xk] for p in shown], [p[yk] for p in shown])
                 ax.set_xlabel(xl)
                 ax.set_ylabel(yl)
                 if off:  # diverged runs would squash every other point into a corner: listed instead
                     ax.text(0.01, 0.01, "off scale (diverged): " + "; ".join(
                         f"{p['family']} {p['point']} ({xk} {p[xk]:.2f}, {yk} {p[yk]:.2f})" for p in off),
                         transform=ax.transAxes, fontsize=6, va="bottom", ha="left", color="0.3")
-            axes[0][0].legend(loc="best", ncol=2, fontsize=7)
+            # outside the axes: inside, "best" still hid points (plain LoRA on the kfac_gap accuracy plot)
+            # (the union of the panels' entries: the base model may be a star in one and a line in another)
+            entries = {}
+            for ax in axes[0]:
+                for handle, label in zip(*ax.get_legend_handles_labels()):
+                    entries.setdefault(label, handle)
+            axes[0][-1].legend(entries.values(), entries.keys(), loc="upper left", bbox_to_anchor=(1.01, 1.0),
+                               fontsize=7, frameon=False)
             fig.suptitle(f"Learning vs forgetting — {setting['name']} LoRA, preset {cfg.preset} "
                          f"(seed means; bars = sd over seeds)", fontsize=10)
             fig.tight_layout()
             figures.append(save_figure(fig, out / f"pareto_{kind}{suffix}.png", footnote=footnote))
     return figures
+
+
+def far_from(value: float, values: list[float], factor: float = 3.0) -> bool:
+    """Whether ``value`` lies more than ``factor`` times the spread of ``values`` outside their range
+    (the base model's target NLL of 2.9 beside methods at 0.55-0.7 would squash every curve into a sliver)."""
+    if not values:
+        return False
+    lo, hi = min(values), max(values)
+    span = max(hi - lo, 1e-12)
+    return value < lo - factor * span or value > hi + factor * span
+
+
+def _draw_base(ax, x: float, y: float, xs: list[float], ys: list[float]) -> None:
+    """The base model as a star, or, where it is far off the methods' range on one axis, as a dashed
+    line at its value on the other axis (labelled with the far value), so the curves keep the scale."""
+    far_x, far_y = far_from(x, xs), far_from(y, ys)
+    style = dict(color="black", lw=0.9, ls="--", zorder=2)
+    if far_x and far_y:
+        ax.text(0.99, 0.99, f"base model off scale ({x:.3g}, {y:.3g})", transform=ax.transAxes, fontsize=7,
+                ha="right", va="top", color="0.3")
+    elif far_x:
+        ax.axhline(y, label=f"base model (x = {x:.3g}, off scale)", **style)
+    elif far_y:
+        ax.axvline(x, label=f"base model (y = {y:.3g}, off scale)", **style)
+    else:
+        ax.scatter([x], [y], marker="*", s=220, color="black", zorder=5, label="base model")
 
 
 def _off_scale(point: dict, base: dict, keys: tuple, factor: float = 1.5) -> bool:

@@ -426,3 +426,23 @@ def test_intruder_reduction_that_changes_nothing_takes_plain_loras_scores(tmp_pa
     plain, intruders = payload["runs"]
     assert len(evaluated) == 2 and "scores_of" not in intruders["info"]
     assert intruders["metrics"]["tgt_nll"] != plain["metrics"]["tgt_nll"]
+
+
+def test_a_base_model_far_off_the_methods_range_is_a_line_not_a_star():
+    """The base model's target NLL (2.9 beside methods at 0.55-0.7) would squash every curve into a
+    sliver: far off on one axis it is drawn as a dashed line at its other value, labelled with the far one."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from benchmarks.forgetting.report import _draw_base, far_from
+
+    assert far_from(2.91, [0.55, 0.62, 0.70]) and not far_from(0.0, [0.32, 0.45]) and not far_from(1.0, [])
+    fig, (far, near) = plt.subplots(1, 2)
+    _draw_base(far, 2.91, 3.81, [0.55, 0.70], [3.85, 3.96])
+    _draw_base(near, 0.0, 0.66, [0.32, 0.45], [0.65, 0.69])
+    assert [line.get_label() for line in far.get_lines()] == ["base model (x = 2.91, off scale)"]
+    assert far.get_lines()[0].get_ydata()[0] == 3.81 and not far.collections
+    assert not near.get_lines() and [c.get_label() for c in near.collections] == ["base model"]
+    plt.close(fig)
