@@ -339,7 +339,10 @@ def forgetting_transfer(root: Path, path: str) -> str:
     def point_of(domain: str) -> dict | None:
         return next((p for p in payload["points"] if p["family"].endswith(f"proxy_kind={domain}")), None)
 
-    setting = payload["config"]["settings"][0]["name"]  # the ablation's one setting
+    settings = [s["name"] for s in payload["config"]["settings"]]
+    if len(settings) != 1:  # the table pairs every point with the one plain LoRA: a second setting would mix them
+        raise ValueError(f"{path}: the transfer table reads a result with exactly one setting, got {settings}")
+    setting = settings[0]
     plain = items_of(payload["runs"], setting, "LoRA", "-")
     metrics = [*DOMAIN_TEXT.values(), "src_mcq_acc", "tgt_nll"]
     rows = []

@@ -290,6 +290,10 @@ def test_transfer_table_reads_each_domain_in_domain_against_transfer(tmp_path):
                "config": {"settings": [{"name": "qv"}]}, "data": {"splits": splits}, "points": points, "runs": runs}
     (tmp_path / "results.json").write_text(json.dumps(payload))
     text = forgetting_transfer(tmp_path, "results.json")
+    two = {**payload, "config": {"settings": [{"name": "qv"}, {"name": "all"}]}}
+    (tmp_path / "two.json").write_text(json.dumps(two))
+    with pytest.raises(ValueError, match=r"exactly one setting, got \['qv', 'all'\]"):
+        forgetting_transfer(tmp_path, "two.json")
     rows = {r.split(" | ")[0]: r.split(" | ")[1:] for r in text.splitlines() if r.startswith("| ")}
     assert rows["| LoRA"][:3] == ["4.000", "3.300", "100.0 %"] and rows["| LoRA"][3:7] == ["-"] * 4
     pydoc_row = rows[f"| {kfac}pydoc (rel=1)"]
